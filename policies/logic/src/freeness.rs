@@ -1,0 +1,77 @@
+//! Freeness: how many more decode steps an instance's batch can run, as an
+//! exact fraction (no floating point, so Wasm and native agree bit for bit).
+
+use core::cmp::Ordering;
+
+/// Free blocks per request, exactly: `numerator / denominator`, or one of the
+/// infinities. Higher is freer. `NegInf` is a draining instance (infinite
+/// virtual usage); `PosInf` an instance with nothing to feed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freeness {
+    NegInf,
+    Finite { numerator: i64, denominator: u64 },
+    PosInf,
+}
+
+impl Freeness {
+    /// `numerator / denominator`; a zero denominator is `PosInf`.
+    pub fn ratio(numerator: i64, denominator: u64) -> Self {
+        if denominator == 0 {
+            Freeness::PosInf
+        } else {
+            Freeness::Finite { numerator, denominator }
+        }
+    }
+
+    /// True when strictly below the integer threshold `t`.
+    pub fn below(self, t: i64) -> bool {
+        self < Freeness::ratio(t, 1)
+    }
+
+    /// True when strictly above the integer threshold `t`.
+    pub fn above(self, t: i64) -> bool {
+        self > Freeness::ratio(t, 1)
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Freeness::NegInf => 0,
+            Freeness::Finite { .. } => 1,
+            Freeness::PosInf => 2,
+        }
+    }
+}
+
+impl Ord for Freeness {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (*self, *other) {
+            (
+                Freeness::Finite { numerator: a, denominator: da },
+                Freeness::Finite { numerator: b, denominator: db },
+            ) => (i128::from(a) * i128::from(db)).cmp(&(i128::from(b) * i128::from(da))),
+            (a, b) => a.rank().cmp(&b.rank()),
+        }
+    }
+}
+
+impl PartialOrd for Freeness {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_exactly() {
+        assert!(Freeness::ratio(1, 3) < Freeness::ratio(1, 2));
+        assert_eq!(Freeness::ratio(2, 4).cmp(&Freeness::ratio(1, 2)), Ordering::Equal);
+        assert!(Freeness::ratio(-5, 1) < Freeness::ratio(0, 7));
+        assert!(Freeness::NegInf < Freeness::ratio(i64::MIN, 1));
+        assert!(Freeness::ratio(i64::MAX, 1) < Freeness::ratio(3, 0));
+        assert!(Freeness::ratio(5, 2).below(3) && Freeness::ratio(7, 2).above(3));
+        assert!(!Freeness::ratio(6, 2).below(3) && !Freeness::ratio(6, 2).above(3));
+    }
+}
