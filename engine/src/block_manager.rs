@@ -84,21 +84,38 @@ pub enum BlockError {
     /// The reservation does not exist (never made, committed or released).
     UnknownReservation(ReservationId),
     /// Committing `needed` blocks' worth of tokens from a reservation of `reserved`.
-    ReservationTooSmall { reservation: ReservationId, reserved: usize, needed: usize },
+    ReservationTooSmall {
+        reservation: ReservationId,
+        reserved: usize,
+        needed: usize,
+    },
 }
 
 impl fmt::Display for BlockError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BlockError::UnknownSequence(s) => write!(f, "unknown sequence {s}: it holds no KV blocks"),
+            BlockError::UnknownSequence(s) => {
+                write!(f, "unknown sequence {s}: it holds no KV blocks")
+            }
             BlockError::AlreadyAllocated(s) => write!(f, "sequence {s} already has a block table"),
             BlockError::OutOfBlocks { needed, available } => {
-                write!(f, "out of KV blocks: {needed} needed, {available} available")
+                write!(
+                    f,
+                    "out of KV blocks: {needed} needed, {available} available"
+                )
             }
             BlockError::UnknownReservation(r) => {
-                write!(f, "unknown block reservation {} (never made, committed or released)", r.0)
+                write!(
+                    f,
+                    "unknown block reservation {} (never made, committed or released)",
+                    r.0
+                )
             }
-            BlockError::ReservationTooSmall { reservation, reserved, needed } => write!(
+            BlockError::ReservationTooSmall {
+                reservation,
+                reserved,
+                needed,
+            } => write!(
                 f,
                 "block reservation {} holds {reserved} blocks but {needed} are needed",
                 reservation.0
@@ -137,7 +154,10 @@ impl BlockManager {
     /// If `block_size == 0`, `watermark > total_blocks` or `total_blocks > u32::MAX`.
     pub fn new(total_blocks: usize, block_size: usize, watermark: usize) -> Self {
         assert!(block_size > 0, "block_size must be positive");
-        assert!(watermark <= total_blocks, "watermark {watermark} exceeds {total_blocks} blocks");
+        assert!(
+            watermark <= total_blocks,
+            "watermark {watermark} exceeds {total_blocks} blocks"
+        );
         assert!(total_blocks <= u32::MAX as usize, "too many blocks");
         BlockManager {
             block_size,
@@ -176,7 +196,10 @@ impl BlockManager {
         let needed = self.blocks_needed(prompt_tokens);
         self.admit(needed)?;
         let table = self.take(needed);
-        let entry = self.seqs.entry(seq).or_insert(SeqBlocks { table, tokens: prompt_tokens });
+        let entry = self.seqs.entry(seq).or_insert(SeqBlocks {
+            table,
+            tokens: prompt_tokens,
+        });
         Ok(&entry.table)
     }
 
@@ -185,33 +208,51 @@ impl BlockManager {
     /// [`BlockError::OutOfBlocks`] the scheduler should preempt.
     pub fn append_slot(&mut self, seq: SeqId) -> Result<Slot, BlockError> {
         let bs = self.block_size;
-        let entry = self.seqs.get_mut(&seq).ok_or(BlockError::UnknownSequence(seq))?;
+        let entry = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(BlockError::UnknownSequence(seq))?;
         let offset = entry.tokens % bs;
         if entry.tokens == entry.table.len() * bs {
-            let block = self.free.pop().ok_or(BlockError::OutOfBlocks { needed: 1, available: 0 })?;
+            let block = self.free.pop().ok_or(BlockError::OutOfBlocks {
+                needed: 1,
+                available: 0,
+            })?;
             entry.table.push(block);
         }
         entry.tokens += 1;
-        let block = *entry.table.last().expect("a sequence with tokens has a block");
+        let block = *entry
+            .table
+            .last()
+            .expect("a sequence with tokens has a block");
         Ok(Slot { block, offset })
     }
 
     /// Return all blocks of `seq` to the free list (finished, aborted,
     /// preempted by recompute, or migrated away).
     pub fn free(&mut self, seq: SeqId) -> Result<(), BlockError> {
-        let entry = self.seqs.remove(&seq).ok_or(BlockError::UnknownSequence(seq))?;
+        let entry = self
+            .seqs
+            .remove(&seq)
+            .ok_or(BlockError::UnknownSequence(seq))?;
         self.give_back(entry.table);
         Ok(())
     }
 
     /// The block table of `seq`, in token order.
     pub fn block_table(&self, seq: SeqId) -> Result<&[BlockId], BlockError> {
-        self.seqs.get(&seq).map(|e| e.table.as_slice()).ok_or(BlockError::UnknownSequence(seq))
+        self.seqs
+            .get(&seq)
+            .map(|e| e.table.as_slice())
+            .ok_or(BlockError::UnknownSequence(seq))
     }
 
     /// Number of tokens `seq` holds.
     pub fn num_tokens(&self, seq: SeqId) -> Result<usize, BlockError> {
-        self.seqs.get(&seq).map(|e| e.tokens).ok_or(BlockError::UnknownSequence(seq))
+        self.seqs
+            .get(&seq)
+            .map(|e| e.tokens)
+            .ok_or(BlockError::UnknownSequence(seq))
     }
 
     /// Number of blocks `seq` holds.
@@ -242,32 +283,54 @@ impl BlockManager {
 
     /// The blocks of a reservation, so the KV import can write into them before commit.
     pub fn reservation_blocks(&self, r: ReservationId) -> Result<&[BlockId], BlockError> {
-        self.reservations.get(&r).map(Vec::as_slice).ok_or(BlockError::UnknownReservation(r))
+        self.reservations
+            .get(&r)
+            .map(Vec::as_slice)
+            .ok_or(BlockError::UnknownReservation(r))
     }
 
     /// Turn a reservation into the block table of `seq` holding `num_tokens`
     /// tokens (in the reservation's block order). Blocks beyond
     /// `blocks_needed(num_tokens)` go back to the free list.
-    pub fn commit(&mut self, r: ReservationId, seq: SeqId, num_tokens: usize) -> Result<&[BlockId], BlockError> {
-        let reserved = self.reservations.get(&r).ok_or(BlockError::UnknownReservation(r))?.len();
+    pub fn commit(
+        &mut self,
+        r: ReservationId,
+        seq: SeqId,
+        num_tokens: usize,
+    ) -> Result<&[BlockId], BlockError> {
+        let reserved = self
+            .reservations
+            .get(&r)
+            .ok_or(BlockError::UnknownReservation(r))?
+            .len();
         if self.seqs.contains_key(&seq) {
             return Err(BlockError::AlreadyAllocated(seq));
         }
         let needed = self.blocks_needed(num_tokens);
         if needed > reserved {
-            return Err(BlockError::ReservationTooSmall { reservation: r, reserved, needed });
+            return Err(BlockError::ReservationTooSmall {
+                reservation: r,
+                reserved,
+                needed,
+            });
         }
         let mut table = self.reservations.remove(&r).expect("checked above");
         self.reserved -= reserved;
         let surplus = table.split_off(needed);
         self.give_back(surplus);
-        let entry = self.seqs.entry(seq).or_insert(SeqBlocks { table, tokens: num_tokens });
+        let entry = self.seqs.entry(seq).or_insert(SeqBlocks {
+            table,
+            tokens: num_tokens,
+        });
         Ok(&entry.table)
     }
 
     /// Give a reservation's blocks back (migration aborted or timed out).
     pub fn release(&mut self, r: ReservationId) -> Result<(), BlockError> {
-        let blocks = self.reservations.remove(&r).ok_or(BlockError::UnknownReservation(r))?;
+        let blocks = self
+            .reservations
+            .remove(&r)
+            .ok_or(BlockError::UnknownReservation(r))?;
         self.reserved -= blocks.len();
         self.give_back(blocks);
         Ok(())
@@ -319,10 +382,18 @@ impl BlockManager {
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut owner: Vec<Option<String>> = vec![None; self.total];
         let places = self.free.iter().map(|b| (*b, "free list".to_string()));
-        let tables = self.seqs.iter().flat_map(|(s, e)| e.table.iter().map(move |b| (*b, format!("sequence {s}"))));
-        let res = self.reservations.iter().flat_map(|(r, v)| v.iter().map(move |b| (*b, format!("reservation {}", r.0))));
+        let tables = self
+            .seqs
+            .iter()
+            .flat_map(|(s, e)| e.table.iter().map(move |b| (*b, format!("sequence {s}"))));
+        let res = self
+            .reservations
+            .iter()
+            .flat_map(|(r, v)| v.iter().map(move |b| (*b, format!("reservation {}", r.0))));
         for (b, place) in places.chain(tables).chain(res) {
-            let slot = owner.get_mut(b.index()).ok_or(format!("block {} out of range", b.0))?;
+            let slot = owner
+                .get_mut(b.index())
+                .ok_or(format!("block {} out of range", b.0))?;
             if let Some(prev) = slot.replace(place.clone()) {
                 return Err(format!("block {} is in both {prev} and {place}", b.0));
             }
@@ -333,11 +404,19 @@ impl BlockManager {
         let used: usize = self.seqs.values().map(|e| e.table.len()).sum();
         let reserved: usize = self.reservations.values().map(Vec::len).sum();
         if reserved != self.reserved || self.free.len() + used + reserved != self.total {
-            return Err(format!("free {} + used {used} + reserved {reserved} != total {}", self.free.len(), self.total));
+            return Err(format!(
+                "free {} + used {used} + reserved {reserved} != total {}",
+                self.free.len(),
+                self.total
+            ));
         }
         for (s, e) in &self.seqs {
             if e.table.len() != self.blocks_needed(e.tokens) {
-                return Err(format!("sequence {s}: {} tokens in {} blocks", e.tokens, e.table.len()));
+                return Err(format!(
+                    "sequence {s}: {} tokens in {} blocks",
+                    e.tokens,
+                    e.table.len()
+                ));
             }
         }
         Ok(())
@@ -375,7 +454,10 @@ mod tests {
     #[test]
     fn blocks_needed_rounds_up() {
         let m = BlockManager::new(10, DEFAULT_BLOCK_SIZE, 0);
-        assert_eq!([0, 1, 16, 17, 32, 33].map(|t| m.blocks_needed(t)), [0, 1, 1, 2, 2, 3]);
+        assert_eq!(
+            [0, 1, 16, 17, 32, 33].map(|t| m.blocks_needed(t)),
+            [0, 1, 1, 2, 2, 3]
+        );
     }
 
     #[test]
@@ -386,8 +468,21 @@ mod tests {
         assert_eq!(m.block_table(1).unwrap(), ids(&[0, 1, 2]));
         assert_eq!((m.num_tokens(1), m.num_blocks(1)), (Ok(9), Ok(3)));
         let u = m.usage();
-        assert_eq!((u.total, u.free, u.used, u.reserved, u.watermark, u.sequences), (10, 6, 4, 0, 2, 2));
-        assert_eq!(m.blocks_per_sequence().collect::<Vec<_>>(), vec![(1, 3), (2, 1)]);
+        assert_eq!(
+            (
+                u.total,
+                u.free,
+                u.used,
+                u.reserved,
+                u.watermark,
+                u.sequences
+            ),
+            (10, 6, 4, 0, 2, 2)
+        );
+        assert_eq!(
+            m.blocks_per_sequence().collect::<Vec<_>>(),
+            vec![(1, 3), (2, 1)]
+        );
         assert_eq!(m.allocate(1, 1), Err(BlockError::AlreadyAllocated(1)));
         m.check_invariants().unwrap();
     }
@@ -397,7 +492,13 @@ mod tests {
         let mut m = BlockManager::new(10, 4, 2);
         assert!(m.can_allocate(32) && !m.can_allocate(33));
         assert!(m.can_ever_allocate(32) && !m.can_ever_allocate(33));
-        assert_eq!(m.allocate(1, 33), Err(BlockError::OutOfBlocks { needed: 9, available: 8 }));
+        assert_eq!(
+            m.allocate(1, 33),
+            Err(BlockError::OutOfBlocks {
+                needed: 9,
+                available: 8
+            })
+        );
         assert!(!m.contains(1));
         m.allocate(1, 32).unwrap();
         assert_eq!((m.free_blocks(), m.available_blocks()), (2, 0));
@@ -409,11 +510,35 @@ mod tests {
     fn append_slot_fills_then_grows_into_watermark_then_fails() {
         let mut m = BlockManager::new(3, 2, 1);
         m.allocate(7, 3).unwrap();
-        assert_eq!(m.append_slot(7), Ok(Slot { block: BlockId(1), offset: 1 }));
-        assert_eq!(m.append_slot(7), Ok(Slot { block: BlockId(2), offset: 0 }));
-        assert_eq!(m.append_slot(7), Ok(Slot { block: BlockId(2), offset: 1 }));
+        assert_eq!(
+            m.append_slot(7),
+            Ok(Slot {
+                block: BlockId(1),
+                offset: 1
+            })
+        );
+        assert_eq!(
+            m.append_slot(7),
+            Ok(Slot {
+                block: BlockId(2),
+                offset: 0
+            })
+        );
+        assert_eq!(
+            m.append_slot(7),
+            Ok(Slot {
+                block: BlockId(2),
+                offset: 1
+            })
+        );
         assert_eq!((m.free_blocks(), m.num_tokens(7)), (0, Ok(6)));
-        assert_eq!(m.append_slot(7), Err(BlockError::OutOfBlocks { needed: 1, available: 0 }));
+        assert_eq!(
+            m.append_slot(7),
+            Err(BlockError::OutOfBlocks {
+                needed: 1,
+                available: 0
+            })
+        );
         assert_eq!(m.num_tokens(7), Ok(6));
         assert_eq!(m.append_slot(8), Err(BlockError::UnknownSequence(8)));
         m.check_invariants().unwrap();
@@ -423,7 +548,13 @@ mod tests {
     fn empty_sequence_gets_its_first_block_on_append() {
         let mut m = BlockManager::new(2, 4, 0);
         assert!(m.allocate(1, 0).unwrap().is_empty());
-        assert_eq!(m.append_slot(1), Ok(Slot { block: BlockId(0), offset: 0 }));
+        assert_eq!(
+            m.append_slot(1),
+            Ok(Slot {
+                block: BlockId(0),
+                offset: 0
+            })
+        );
         m.check_invariants().unwrap();
     }
 
@@ -444,24 +575,49 @@ mod tests {
     #[test]
     fn reserve_commit_release() {
         let mut m = BlockManager::new(10, 4, 2);
-        assert_eq!(m.reserve(9), Err(BlockError::OutOfBlocks { needed: 9, available: 8 }));
+        assert_eq!(
+            m.reserve(9),
+            Err(BlockError::OutOfBlocks {
+                needed: 9,
+                available: 8
+            })
+        );
         let r = m.reserve(4).unwrap();
         assert_eq!(m.reservation_blocks(r).unwrap(), ids(&[0, 1, 2, 3]));
-        assert_eq!((m.reserved_blocks(), m.used_blocks(), m.free_blocks()), (4, 0, 6));
+        assert_eq!(
+            (m.reserved_blocks(), m.used_blocks(), m.free_blocks()),
+            (4, 0, 6)
+        );
         m.allocate(1, 1).unwrap();
         assert_eq!(m.commit(r, 1, 4), Err(BlockError::AlreadyAllocated(1)));
-        let too_small = BlockError::ReservationTooSmall { reservation: r, reserved: 4, needed: 5 };
+        let too_small = BlockError::ReservationTooSmall {
+            reservation: r,
+            reserved: 4,
+            needed: 5,
+        };
         assert_eq!(m.commit(r, 2, 17), Err(too_small));
         // 10 tokens need 3 blocks: the 4th goes back to the free list.
         assert_eq!(m.commit(r, 2, 10).unwrap(), ids(&[0, 1, 2]));
-        assert_eq!((m.reserved_blocks(), m.used_blocks(), m.free_blocks()), (0, 4, 6));
-        assert_eq!(m.append_slot(2), Ok(Slot { block: BlockId(2), offset: 2 }));
+        assert_eq!(
+            (m.reserved_blocks(), m.used_blocks(), m.free_blocks()),
+            (0, 4, 6)
+        );
+        assert_eq!(
+            m.append_slot(2),
+            Ok(Slot {
+                block: BlockId(2),
+                offset: 2
+            })
+        );
         assert_eq!(m.commit(r, 3, 1), Err(BlockError::UnknownReservation(r)));
         let r2 = m.reserve(2).unwrap();
         assert_ne!(r, r2);
         m.release(r2).unwrap();
         assert_eq!(m.release(r2), Err(BlockError::UnknownReservation(r2)));
-        assert_eq!(m.reservation_blocks(r2), Err(BlockError::UnknownReservation(r2)));
+        assert_eq!(
+            m.reservation_blocks(r2),
+            Err(BlockError::UnknownReservation(r2))
+        );
         assert_eq!((m.reserved_blocks(), m.free_blocks()), (0, 6));
         m.check_invariants().unwrap();
     }
@@ -470,11 +626,27 @@ mod tests {
     fn errors_display_clearly() {
         let cases = [
             (BlockError::UnknownSequence(3), "unknown sequence 3"),
-            (BlockError::AlreadyAllocated(3), "sequence 3 already has a block table"),
-            (BlockError::OutOfBlocks { needed: 2, available: 1 }, "out of KV blocks: 2 needed, 1 available"),
-            (BlockError::UnknownReservation(ReservationId(5)), "unknown block reservation 5"),
             (
-                BlockError::ReservationTooSmall { reservation: ReservationId(5), reserved: 1, needed: 2 },
+                BlockError::AlreadyAllocated(3),
+                "sequence 3 already has a block table",
+            ),
+            (
+                BlockError::OutOfBlocks {
+                    needed: 2,
+                    available: 1,
+                },
+                "out of KV blocks: 2 needed, 1 available",
+            ),
+            (
+                BlockError::UnknownReservation(ReservationId(5)),
+                "unknown block reservation 5",
+            ),
+            (
+                BlockError::ReservationTooSmall {
+                    reservation: ReservationId(5),
+                    reserved: 1,
+                    needed: 2,
+                },
                 "reservation 5 holds 1 blocks but 2 are needed",
             ),
         ];
@@ -527,7 +699,9 @@ mod tests {
 
         fn step(m: &mut BlockManager, model: &mut Model, op: &Op) {
             let (available, free) = (m.available_blocks(), m.free_blocks());
-            let pick = |i: usize, model: &Model| model.live.keys().nth(i % model.live.len().max(1)).copied();
+            let pick = |i: usize, model: &Model| {
+                model.live.keys().nth(i % model.live.len().max(1)).copied()
+            };
             match *op {
                 Op::Allocate(s, t) => {
                     let ok = !model.seqs.contains_key(&s) && m.blocks_needed(t) <= available;
@@ -556,7 +730,13 @@ mod tests {
                         model.live.insert(r, n);
                         model.issued.push(r);
                     }
-                    Err(e) => assert_eq!(e, BlockError::OutOfBlocks { needed: n, available }),
+                    Err(e) => assert_eq!(
+                        e,
+                        BlockError::OutOfBlocks {
+                            needed: n,
+                            available
+                        }
+                    ),
                 },
                 Op::Commit(i, s, t) => {
                     let Some(r) = pick(i, model) else { return };
@@ -573,7 +753,9 @@ mod tests {
                     model.live.remove(&r);
                 }
                 Op::Abort(i) => {
-                    let Some(&r) = model.issued.get(i % model.issued.len().max(1)) else { return };
+                    let Some(&r) = model.issued.get(i % model.issued.len().max(1)) else {
+                        return;
+                    };
                     let was_live = model.live.remove(&r).is_some();
                     let res = m.release(r);
                     assert_eq!(res.is_ok(), was_live);

@@ -1,0 +1,640 @@
+//! The Wasm policy runtime: every scheduling decision goes through here.
+//!
+//! [`PolicyRuntime`] holds one slot per [`PolicyKind`]. A slot's active
+//! policy is a sandboxed component (wasmtime, component model, no WASI: the
+//! only import is read-only snapshot history) with a hard per-call deadline
+//! (epoch interruption that traps) and a memory cap. Every answer is
+//! validated; when the active version traps, times out, exhausts its memory
+//! or answers nonsense, the call is answered by the last good version, else
+//! by the built-in native implementation, the failure is counted, and after
+//! `max_consecutive_failures` in a row the version is demoted. Hot swap
+//! type-checks and trial-calls a candidate off the hot path, then swaps it in
+//! between two calls; rollback restores the previous version.
+//!
+//! Data path: the runtime keeps the authoritative fleet table (latest load
+//! per instance) and a change log; before each call it sends a policy only
+//! the loads that changed since its last call (`fleet.upsert`), so a
+//! decision call carries just the request.
+//!
+//! This module owns the policies' sandbox and the decision API. It must never
+//! act on a decision itself (the scheduler does), never let an unvalidated
+//! answer out, and never block on anything but its own slot and fleet locks.
+
+mod bindings;
+mod component;
+mod error;
+mod history;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use llumen_policy_logic::{
+    self as logic, Fleet, InstanceId, InstanceLoad, MigrationCandidate, MigrationPair, Policy,
+    PriorityAssignment, RequestId, RequestMeta, ScalingDecision,
+};
+use serde::Serialize;
+
+pub use component::{componentize, CompiledPolicy, LiveInstance, PolicyEngine, PolicySha};
+pub use error::PolicyError;
+pub use history::{RecentHistory, SnapshotHistory};
+
+/// The four kinds of scheduling decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    Dispatch,
+    Migration,
+    Priority,
+    Scaling,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 4] = [Self::Dispatch, Self::Migration, Self::Priority, Self::Scaling];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The WIT interface name (`dispatch`, `migration`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dispatch => "dispatch",
+            Self::Migration => "migration",
+            Self::Priority => "priority",
+            Self::Scaling => "scaling",
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown policy kind {s:?} (expected dispatch, migration, priority or scaling)"))
+    }
+}
+
+/// Limits and knobs of the runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Hard deadline of one call into a policy (epoch interruption traps).
+    pub call_deadline: Duration,
+    /// Granularity of the deadline: how often the epoch advances.
+    pub epoch_tick: Duration,
+    /// Linear-memory cap of one policy instance.
+    pub memory_limit_bytes: usize,
+    /// Most snapshots one `history.recent` call returns.
+    pub history_max: u32,
+    /// Failures in a row after which the active version is demoted.
+    pub max_consecutive_failures: u32,
+    /// Largest scale-up one scaling answer may ask for.
+    pub max_scale_up: u32,
+}
+
+/// Why a call into a policy did not produce a usable answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CallFailure {
+    #[error("deadline exceeded")]
+    Timeout,
+    #[error("memory cap exceeded")]
+    MemoryLimit,
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("invalid answer: {0}")]
+    Invalid(String),
+    #[error("could not be instantiated: {0}")]
+    Unavailable(String),
+}
+
+impl CallFailure {
+    fn wrong_kind() -> Self {
+        CallFailure::Unavailable("instance serves another kind of call".into())
+    }
+
+    /// A failure after which the instance must not be called again.
+    fn poisons(&self) -> bool {
+        !matches!(self, CallFailure::Invalid(_))
+    }
+}
+
+/// Which implementation produced an answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "source", rename_all = "kebab-case")]
+pub enum DecisionSource {
+    /// The active Wasm version.
+    Active { name: String, sha256: PolicySha },
+    /// The previous Wasm version, standing in for a failed active one.
+    LastGood { name: String, sha256: PolicySha },
+    /// The host's native implementation.
+    Builtin { name: String },
+}
+
+/// A validated answer, where it came from, and what went wrong with the
+/// active version if it was not the one answering.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision<T> {
+    pub value: T,
+    pub source: DecisionSource,
+    pub failure: Option<CallFailure>,
+}
+
+/// Counters of one policy version in one slot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VersionStats {
+    pub calls: u64,
+    pub timeouts: u64,
+    pub memory_limits: u64,
+    pub traps: u64,
+    pub invalid_answers: u64,
+    pub unavailable: u64,
+    /// Calls answered by this version as a stand-in for a failed active one.
+    pub answered_as_fallback: u64,
+    pub total_call_ns: u64,
+    pub max_call_ns: u64,
+}
+
+impl VersionStats {
+    fn count_failure(&mut self, f: &CallFailure) {
+        match f {
+            CallFailure::Timeout => self.timeouts += 1,
+            CallFailure::MemoryLimit => self.memory_limits += 1,
+            CallFailure::Trap(_) => self.traps += 1,
+            CallFailure::Invalid(_) => self.invalid_answers += 1,
+            CallFailure::Unavailable(_) => self.unavailable += 1,
+        }
+    }
+
+    /// Failed calls of every sort.
+    pub fn failures(&self) -> u64 {
+        self.timeouts + self.memory_limits + self.traps + self.invalid_answers + self.unavailable
+    }
+}
+
+/// What a slot runs now, for status displays.
+#[derive(Clone, Debug, Serialize)]
+pub struct SlotStatus {
+    pub kind: PolicyKind,
+    /// Active Wasm version (None: the builtin serves).
+    pub active: Option<VersionInfo>,
+    /// Earlier versions, newest last (rollback order).
+    pub previous: Vec<VersionInfo>,
+    pub builtin: String,
+    /// Per version label (`<name>@<sha256 prefix>` or `builtin:<name>`).
+    pub stats: BTreeMap<String, VersionStats>,
+}
+
+/// Identity of one policy version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VersionInfo {
+    pub name: String,
+    pub version: String,
+    pub sha256: PolicySha,
+}
+
+impl From<&CompiledPolicy> for VersionInfo {
+    fn from(p: &CompiledPolicy) -> Self {
+        Self { name: p.name.clone(), version: p.version.clone(), sha256: p.sha256.clone() }
+    }
+}
+
+fn version_label(p: &CompiledPolicy) -> String {
+    format!("{}@{}", p.name, &p.sha256[..12])
+}
+
+/// The authoritative fleet view plus a log of which instances changed when.
+struct FleetTable {
+    fleet: Fleet,
+    /// Sequence number of the latest change.
+    seq: u64,
+    /// (sequence number, instance) of recent changes, ascending.
+    log: Vec<(u64, InstanceId)>,
+    /// Changes up to and including this sequence number are no longer in `log`.
+    log_floor: u64,
+}
+
+const FLEET_LOG_MAX: usize = 8192;
+
+impl FleetTable {
+    fn changed(&mut self, instance: InstanceId) {
+        self.seq += 1;
+        if self.log.len() >= FLEET_LOG_MAX {
+            let cut = FLEET_LOG_MAX / 2;
+            self.log_floor = self.log[cut - 1].0;
+            self.log.drain(..cut);
+        }
+        self.log.push((self.seq, instance));
+    }
+
+    /// Brings a policy instance's view up to date: only what changed since
+    /// its last sync, or everything if it is new or too far behind.
+    fn sync(&self, live: &mut LiveInstance) -> Result<(), CallFailure> {
+        if live.synced_seq == self.seq {
+            return Ok(());
+        }
+        if live.synced_seq < self.log_floor || live.synced_seq == 0 {
+            let all: Vec<_> = self.fleet.loads().iter().map(bindings::load_to_wit).collect();
+            live.reset(&all)?;
+        } else {
+            let start = self.log.partition_point(|&(s, _)| s <= live.synced_seq);
+            let mut ids: Vec<InstanceId> = self.log[start..].iter().map(|&(_, id)| id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let mut upserts = Vec::with_capacity(ids.len());
+            for id in ids {
+                match self.fleet.get(id) {
+                    Some(load) => upserts.push(bindings::load_to_wit(load)),
+                    None => live.remove(id)?,
+                }
+            }
+            if !upserts.is_empty() {
+                live.upsert(&upserts)?;
+            }
+        }
+        live.synced_seq = self.seq;
+        Ok(())
+    }
+}
+
+struct Slot {
+    kind: PolicyKind,
+    active: Option<Arc<CompiledPolicy>>,
+    /// The instance serving the active version (None until first use or after a trap).
+    live: Option<LiveInstance>,
+    /// Earlier versions, newest last; the last is the "last good" fallback.
+    previous: Vec<Arc<CompiledPolicy>>,
+    /// Instance of `previous.last()`, made when first needed.
+    fallback_live: Option<LiveInstance>,
+    builtin: Box<dyn Policy>,
+    consecutive_failures: u32,
+    stats: BTreeMap<String, VersionStats>,
+}
+
+fn builtin_for(name: &str) -> Box<dyn Policy> {
+    logic::by_name(name).unwrap_or_else(|| Box::new(logic::Llumnix::default()))
+}
+
+/// All four policy slots, the fleet table and the engine behind them.
+pub struct PolicyRuntime {
+    engine: PolicyEngine,
+    history: Arc<dyn SnapshotHistory>,
+    fleet: RwLock<FleetTable>,
+    slots: [Mutex<Slot>; 4],
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PolicyRuntime {
+    /// A runtime whose slots all start on the built-in `builtin` policy
+    /// (e.g. `"llumnix"`), with an in-memory snapshot history.
+    pub fn new(config: RuntimeConfig, builtin: &str) -> Result<Self, PolicyError> {
+        Self::with_history(config, builtin, Arc::new(RecentHistory::new(1024)))
+    }
+
+    /// As [`PolicyRuntime::new`], reading and recording snapshots in `history`.
+    pub fn with_history(config: RuntimeConfig, builtin: &str, history: Arc<dyn SnapshotHistory>) -> Result<Self, PolicyError> {
+        let engine = PolicyEngine::new(config, history.clone())?;
+        let slot = |kind| {
+            Mutex::new(Slot {
+                kind,
+                active: None,
+                live: None,
+                previous: Vec::new(),
+                fallback_live: None,
+                builtin: builtin_for(builtin),
+                consecutive_failures: 0,
+                stats: BTreeMap::new(),
+            })
+        };
+        Ok(Self {
+            engine,
+            history,
+            fleet: RwLock::new(FleetTable { fleet: Fleet::new(), seq: 0, log: Vec::new(), log_floor: 0 }),
+            slots: PolicyKind::ALL.map(slot),
+        })
+    }
+
+    /// Compiles a component (or a wit-bindgen core module) into a policy.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Arc<CompiledPolicy>, PolicyError> {
+        self.engine.compile(bytes)
+    }
+
+    /// Reads and compiles a policy file.
+    pub fn compile_file(&self, path: &std::path::Path) -> Result<Arc<CompiledPolicy>, PolicyError> {
+        let bytes = std::fs::read(path).map_err(|source| PolicyError::Read { path: path.into(), source })?;
+        self.compile(&bytes)
+    }
+
+    // ----- the fleet view -----
+
+    /// Records an instance's new load snapshot.
+    pub fn observe(&self, load: InstanceLoad) {
+        self.history.record(&load);
+        let mut table = self.fleet.write().unwrap_or_else(|e| e.into_inner());
+        table.fleet.upsert([load]);
+        table.changed(load.instance);
+    }
+
+    /// Forgets an instance that left the fleet.
+    pub fn remove_instance(&self, instance: InstanceId) {
+        let mut table = self.fleet.write().unwrap_or_else(|e| e.into_inner());
+        if table.fleet.remove(instance) {
+            table.changed(instance);
+        }
+    }
+
+    /// A copy of the current fleet view.
+    pub fn fleet(&self) -> Fleet {
+        self.fleet.read().unwrap_or_else(|e| e.into_inner()).fleet.clone()
+    }
+
+    // ----- decisions -----
+
+    /// The instance that serves `request`; `None` only when no instance
+    /// accepts requests (then no policy is asked).
+    pub fn dispatch(&self, request: &RequestMeta) -> Decision<Option<InstanceId>> {
+        let wit_request = bindings::request_to_wit(request);
+        self.decide(
+            PolicyKind::Dispatch,
+            |fleet| fleet.serving().next().is_none().then_some(None),
+            |live, fleet| live.dispatch(wit_request).and_then(|id| validate::dispatch(id, fleet)).map(Some),
+            |p, fleet| p.dispatch(fleet, request),
+        )
+    }
+
+    /// Migration pairs for this period.
+    pub fn plan_migration(&self) -> Decision<Vec<MigrationPair>> {
+        self.decide(
+            PolicyKind::Migration,
+            |fleet| (fleet.len() < 2).then(Vec::new),
+            |live, fleet| {
+                let pairs = live.plan()?.into_iter().map(bindings::pair_from_wit).collect();
+                validate::plan(pairs, fleet)
+            },
+            |p, fleet| p.plan_migration(fleet),
+        )
+    }
+
+    /// Which of the source's `candidates` move for `pair`.
+    pub fn choose_migrations(&self, pair: MigrationPair, candidates: &[MigrationCandidate]) -> Decision<Vec<RequestId>> {
+        let wit_candidates: Vec<_> = candidates.iter().map(bindings::candidate_to_wit).collect();
+        self.decide(
+            PolicyKind::Migration,
+            |_| candidates.is_empty().then(Vec::new),
+            |live, _| live.choose(bindings::pair_to_wit(pair), &wit_candidates).and_then(|ids| validate::choose(ids, candidates)),
+            |p, fleet| p.choose_migrations(fleet, pair, candidates),
+        )
+    }
+
+    /// Scheduling priority and headroom of a new request.
+    pub fn assign_priority(&self, request: &RequestMeta) -> Decision<PriorityAssignment> {
+        let wit_request = bindings::request_to_wit(request);
+        self.decide(
+            PolicyKind::Priority,
+            |_| None,
+            |live, fleet| {
+                let a = live.assign(wit_request)?;
+                validate::assign(PriorityAssignment { priority: a.priority, headroom_blocks: a.headroom_blocks }, fleet)
+            },
+            |p, fleet| p.assign_priority(fleet, request),
+        )
+    }
+
+    /// Grow, shrink or hold the fleet.
+    pub fn decide_scaling(&self) -> Decision<ScalingDecision> {
+        let max = self.engine.config().max_scale_up;
+        self.decide(
+            PolicyKind::Scaling,
+            |_| None,
+            |live, fleet| validate::scaling(bindings::scaling_from_wit(live.decide()?), fleet, max),
+            |p, fleet| p.decide_scaling(fleet),
+        )
+    }
+
+    /// One decision: the active version, else the last good one, else the
+    /// builtin. `trivial` answers without asking anyone when the question
+    /// has only one answer (e.g. no instance to dispatch to).
+    fn decide<T: Clone>(
+        &self,
+        kind: PolicyKind,
+        trivial: impl FnOnce(&Fleet) -> Option<T>,
+        wasm: impl Fn(&mut LiveInstance, &Fleet) -> Result<T, CallFailure>,
+        native: impl FnOnce(&mut dyn Policy, &Fleet) -> T,
+    ) -> Decision<T> {
+        let mut guard = lock(&self.slots[kind.index()]);
+        let slot = &mut *guard;
+        let table = self.fleet.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(value) = trivial(&table.fleet) {
+            let name = slot.builtin.info().name;
+            return Decision { value, source: DecisionSource::Builtin { name }, failure: None };
+        }
+        let mut failure = None;
+        if let Some(active) = slot.active.clone() {
+            let started = Instant::now();
+            let result = self.call_live(&mut slot.live, &active, kind, &table, &wasm);
+            let elapsed = started.elapsed().as_nanos() as u64;
+            let stats = slot.stats.entry(version_label(&active)).or_default();
+            stats.calls += 1;
+            stats.total_call_ns += elapsed;
+            stats.max_call_ns = stats.max_call_ns.max(elapsed);
+            match result {
+                Ok(value) => {
+                    slot.consecutive_failures = 0;
+                    let source = DecisionSource::Active { name: active.name.clone(), sha256: active.sha256.clone() };
+                    return Decision { value, source, failure: None };
+                }
+                Err(f) => {
+                    stats.count_failure(&f);
+                    tracing::warn!(%kind, policy = %version_label(&active), failure = %f, "policy call failed; falling back");
+                    slot.consecutive_failures += 1;
+                    failure = Some(f);
+                }
+            }
+            let demote = slot.consecutive_failures >= self.engine.config().max_consecutive_failures;
+            if let Some(previous) = slot.previous.last().cloned() {
+                let result = self.call_live(&mut slot.fallback_live, &previous, kind, &table, &wasm);
+                let stats = slot.stats.entry(version_label(&previous)).or_default();
+                stats.calls += 1;
+                match result {
+                    Ok(value) => {
+                        stats.answered_as_fallback += 1;
+                        if demote {
+                            self.demote(slot);
+                        }
+                        let source = DecisionSource::LastGood { name: previous.name.clone(), sha256: previous.sha256.clone() };
+                        return Decision { value, source, failure };
+                    }
+                    Err(f) => stats.count_failure(&f),
+                }
+            }
+            if demote {
+                self.demote(slot);
+            }
+        }
+        let name = slot.builtin.info().name;
+        let stats = slot.stats.entry(format!("builtin:{name}")).or_default();
+        stats.calls += 1;
+        if failure.is_some() {
+            stats.answered_as_fallback += 1;
+        }
+        let value = native(slot.builtin.as_mut(), &table.fleet);
+        Decision { value, source: DecisionSource::Builtin { name }, failure }
+    }
+
+    /// Calls `policy` through `live`, instantiating it first if needed, and
+    /// drops the instance after a failure that may have torn its state.
+    fn call_live<T>(
+        &self,
+        live: &mut Option<LiveInstance>,
+        policy: &Arc<CompiledPolicy>,
+        kind: PolicyKind,
+        table: &FleetTable,
+        wasm: &impl Fn(&mut LiveInstance, &Fleet) -> Result<T, CallFailure>,
+    ) -> Result<T, CallFailure> {
+        if live.as_ref().is_none_or(|l| l.policy.sha256 != policy.sha256) {
+            let fresh = self.engine.instantiate(policy, kind).map_err(|e| CallFailure::Unavailable(e.to_string()))?;
+            *live = Some(fresh);
+        }
+        let instance = live.as_mut().expect("instantiated above");
+        let result = table.sync(instance).and_then(|()| wasm(instance, &table.fleet));
+        if result.as_ref().is_err_and(CallFailure::poisons) {
+            *live = None;
+        }
+        result
+    }
+
+    /// The active version failed too often in a row: the previous version
+    /// (or the builtin) takes over.
+    fn demote(&self, slot: &mut Slot) {
+        let failed = slot.active.take();
+        slot.live = None;
+        slot.consecutive_failures = 0;
+        if let Some(previous) = slot.previous.pop() {
+            slot.live = slot.fallback_live.take().filter(|l| l.policy.sha256 == previous.sha256);
+            slot.active = Some(previous);
+        }
+        tracing::error!(
+            kind = %slot.kind,
+            demoted = failed.as_deref().map(version_label).unwrap_or_default(),
+            now = slot.active.as_deref().map(version_label).unwrap_or_else(|| "builtin".into()),
+            "policy demoted after repeated failures"
+        );
+    }
+
+    // ----- hot swap -----
+
+    /// Validates `policy` for `kind` (type check against the kind's world, a
+    /// trial call on the current fleet or a sample one, answer validation),
+    /// then makes it active between two calls. Calls in flight finish on the
+    /// old version, which becomes the rollback target.
+    pub fn swap(&self, kind: PolicyKind, policy: Arc<CompiledPolicy>) -> Result<(), PolicyError> {
+        self.trial(kind, &policy)?;
+        let fresh = self.engine.instantiate(&policy, kind)?;
+        let mut slot = lock(&self.slots[kind.index()]);
+        if let Some(old) = slot.active.replace(policy.clone()) {
+            slot.previous.push(old);
+        }
+        slot.live = Some(fresh);
+        slot.fallback_live = None;
+        slot.builtin = builtin_for(&policy.name);
+        slot.consecutive_failures = 0;
+        tracing::info!(%kind, policy = %version_label(&policy), "policy swapped in");
+        Ok(())
+    }
+
+    /// Makes the previous version active again.
+    pub fn rollback(&self, kind: PolicyKind) -> Result<VersionInfo, PolicyError> {
+        let mut slot = lock(&self.slots[kind.index()]);
+        let previous = slot.previous.last().cloned().ok_or(PolicyError::NothingToRollBack(kind))?;
+        let fresh = self.engine.instantiate(&previous, kind)?;
+        slot.previous.pop();
+        slot.active = Some(previous.clone());
+        slot.live = Some(fresh);
+        slot.fallback_live = None;
+        slot.builtin = builtin_for(&previous.name);
+        slot.consecutive_failures = 0;
+        tracing::info!(%kind, policy = %version_label(&previous), "policy rolled back");
+        Ok(VersionInfo::from(&*previous))
+    }
+
+    /// Instantiates `policy` for `kind` in a throwaway store and asks it one
+    /// question on the current fleet (or a sample fleet when there is none).
+    fn trial(&self, kind: PolicyKind, policy: &Arc<CompiledPolicy>) -> Result<(), PolicyError> {
+        let mut live = self.engine.instantiate(policy, kind)?;
+        let mut fleet = self.fleet();
+        if fleet.is_empty() {
+            fleet = sample_fleet();
+        }
+        let loads: Vec<_> = fleet.loads().iter().map(bindings::load_to_wit).collect();
+        let request = bindings::request_to_wit(&RequestMeta { id: 1, prompt_tokens: 64, max_tokens: 64, ..Default::default() });
+        let max_scale_up = self.engine.config().max_scale_up;
+        let trial_failure = |failure| PolicyError::Trial { kind, failure };
+        live.reset(&loads).map_err(trial_failure)?;
+        match kind {
+            PolicyKind::Dispatch => live.dispatch(request).and_then(|id| validate::dispatch(id, &fleet)).map(drop),
+            PolicyKind::Migration => live
+                .plan()
+                .and_then(|pairs| validate::plan(pairs.into_iter().map(bindings::pair_from_wit).collect(), &fleet))
+                .map(drop),
+            PolicyKind::Priority => live
+                .assign(request)
+                .and_then(|a| validate::assign(PriorityAssignment { priority: a.priority, headroom_blocks: a.headroom_blocks }, &fleet))
+                .map(drop),
+            PolicyKind::Scaling => {
+                live.decide().and_then(|d| validate::scaling(bindings::scaling_from_wit(d), &fleet, max_scale_up)).map(drop)
+            }
+        }
+        .map_err(trial_failure)
+    }
+
+    // ----- introspection -----
+
+    /// The active Wasm version of `kind`, if any.
+    pub fn active(&self, kind: PolicyKind) -> Option<Arc<CompiledPolicy>> {
+        lock(&self.slots[kind.index()]).active.clone()
+    }
+
+    /// What `kind`'s slot runs and its counters.
+    pub fn status(&self, kind: PolicyKind) -> SlotStatus {
+        let slot = lock(&self.slots[kind.index()]);
+        SlotStatus {
+            kind,
+            active: slot.active.as_deref().map(VersionInfo::from),
+            previous: slot.previous.iter().map(|p| VersionInfo::from(&**p)).collect(),
+            builtin: slot.builtin.info().name,
+            stats: slot.stats.clone(),
+        }
+    }
+}
+
+/// Four instances with different loads, for trial calls on an empty fleet.
+fn sample_fleet() -> Fleet {
+    let mut fleet = Fleet::new();
+    fleet.reset((0..4u32).map(|i| InstanceLoad {
+        instance: i,
+        block_size: 16,
+        total_blocks: 800,
+        used_blocks: 150 * i + 40,
+        watermark_blocks: 8,
+        running: 2 + 3 * i,
+        waiting: i / 2,
+        head_of_line_demand_blocks: if i >= 2 { 30 } else { 0 },
+        waiting_demand_blocks: 30 * (i / 2),
+        step_latency_us: 20_000 + 1_000 * i,
+        ..Default::default()
+    }));
+    fleet
+}
