@@ -17,7 +17,7 @@ pub const MEMORY_BOMB: u64 = 0xBAD2;
 pub const PANIC: u64 = 0xBAD3;
 /// `dispatch` names an instance that does not exist.
 pub const UNKNOWN_INSTANCE: u64 = 0xBAD4;
-/// `plan` returns a million pairs when an instance reports this step latency.
+/// `plan` returns 100,000 pairs when an instance reports this step latency.
 pub const HUGE_LIST_STEP_LATENCY: u32 = 0xBAD5;
 /// `assign` answers an absurd headroom.
 pub const ABSURD_HEADROOM: u64 = 0xBAD6;
@@ -40,8 +40,9 @@ impl Policy for Hostile {
             }
             MEMORY_BOMB => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
+                // Reserve without touching: growth, not memset, hits the cap.
                 loop {
-                    hoard.push(core::hint::black_box(vec![1u8; 1 << 20]));
+                    hoard.push(core::hint::black_box(Vec::with_capacity(1 << 20)));
                 }
             }
             PANIC => panic!("hostile policy panics on purpose"),
@@ -52,7 +53,7 @@ impl Policy for Hostile {
 
     fn plan_migration(&mut self, fleet: &Fleet) -> Vec<MigrationPair> {
         if fleet.loads().iter().any(|l| l.step_latency_us == HUGE_LIST_STEP_LATENCY) {
-            return vec![MigrationPair { source: 0, destination: 1 }; 1_000_000];
+            return vec![MigrationPair { source: 0, destination: 1 }; 100_000];
         }
         self.0.plan_migration(fleet)
     }
