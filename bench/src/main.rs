@@ -1,1 +1,33 @@
-fn main() {}
+//! `llumen-bench`: llumen's benchmarks.
+//!
+//! Today: `policy-overhead` (the cost of a Wasm policy decision against the
+//! same logic compiled natively). The simulator (`sim`), the live driver
+//! (`live`) and the other micro benchmarks join it here.
+//!
+//! Contract (see DESIGN.md): with `--json`, stdout is one JSON document with
+//! snake_case fields carrying their unit (`p50_ns`); human output goes to
+//! stderr.
+
+mod policy_overhead;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "llumen-bench", version, about = "llumen's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Wasm vs native cost of policy decisions at several fleet sizes.
+    PolicyOverhead(policy_overhead::Args),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::PolicyOverhead(args) => policy_overhead::run(&args),
+    }
+}

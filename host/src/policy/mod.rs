@@ -38,6 +38,9 @@ use llumen_policy_logic::{
 };
 use serde::Serialize;
 
+/// The WIT-generated records and the conversions to them (for callers that
+/// drive a [`LiveInstance`] directly, such as benchmarks).
+pub use bindings::{load_to_wit, request_to_wit, wit};
 pub use component::{componentize, CompiledPolicy, LiveInstance, PolicyEngine, PolicySha};
 pub use error::PolicyError;
 pub use history::{RecentHistory, SnapshotHistory};
@@ -336,6 +339,12 @@ impl PolicyRuntime {
     pub fn compile_file(&self, path: &std::path::Path) -> Result<Arc<CompiledPolicy>, PolicyError> {
         let bytes = std::fs::read(path).map_err(|source| PolicyError::Read { path: path.into(), source })?;
         self.compile(&bytes)
+    }
+
+    /// A standalone instance of `policy` for `kind`, outside any slot: for
+    /// tools that drive a policy directly (benchmarks, replay).
+    pub fn instantiate(&self, policy: &Arc<CompiledPolicy>, kind: PolicyKind) -> Result<LiveInstance, PolicyError> {
+        self.engine.instantiate(policy, kind)
     }
 
     // ----- the fleet view -----

@@ -1,0 +1,268 @@
+//! `llumen-bench policy-overhead`: what a scheduling decision costs when the
+//! policy is a sandboxed Wasm component, against the same logic compiled
+//! natively.
+//!
+//! For each fleet size it times, per call:
+//! - `wasm`: the production data path. One instance reports a new load
+//!   (`observe`), then `PolicyRuntime::dispatch` runs: slot lock, sending
+//!   the one changed load to the guest (`fleet.upsert`), the deadline-armed
+//!   call, validation, accounting. Everything a real dispatch pays.
+//! - `wasm_full_list`: the naive data path, for comparison: the whole fleet
+//!   passed as a `list<instance-load>` (`fleet.reset`) before every decision.
+//! - `native`: the same llumnix logic compiled into the host, after the same
+//!   one-load fleet update.
+//! - the same three for the migration plan (`plan`), which scans the fleet.
+//!
+//! Timings use `Instant` around each call (its own cost, ~20–40 ns, is in
+//! every figure alike). Inputs are seeded.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use llumen_host::policy::{PolicyKind, PolicyRuntime, RuntimeConfig};
+use llumen_policy_logic::{Fleet, InstanceLoad, Llumnix, Policy, RequestMeta};
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Fleet sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
+    instances: Vec<u32>,
+    /// Timed calls per scenario and fleet size.
+    #[arg(long, default_value_t = 20_000)]
+    iterations: usize,
+    /// Seed of the generated loads.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Directory holding llumnix.wasm (built by scripts/build-policies.sh).
+    #[arg(long, env = "LLUMEN_POLICY_DIR", default_value = "target/policies")]
+    policy_dir: PathBuf,
+    /// Print one JSON document on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Percentiles {
+    p50_ns: u64,
+    p99_ns: u64,
+    mean_ns: u64,
+}
+
+fn percentiles(mut samples: Vec<u64>) -> Percentiles {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    let mean = samples.iter().sum::<u64>() / samples.len() as u64;
+    Percentiles { p50_ns: at(0.50), p99_ns: at(0.99), mean_ns: mean }
+}
+
+#[derive(Serialize)]
+struct Scenario {
+    wasm: Percentiles,
+    wasm_full_list: Percentiles,
+    native: Percentiles,
+    /// wasm p50 / native p50.
+    wasm_native_ratio_p50: f64,
+    /// wasm_full_list p50 / native p50.
+    full_list_native_ratio_p50: f64,
+}
+
+#[derive(Serialize)]
+struct FleetSizeResult {
+    instances: u32,
+    dispatch: Scenario,
+    migration_plan: Scenario,
+}
+
+#[derive(Serialize)]
+struct Report {
+    benchmark: &'static str,
+    policy: String,
+    policy_sha256: String,
+    iterations: usize,
+    seed: u64,
+    results: Vec<FleetSizeResult>,
+    /// The target: at 64 instances, dispatch p50 ≤ 1 µs and ≤ 3× native.
+    target_met_at_64: Option<bool>,
+}
+
+/// SplitMix64.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        (self.next() % u64::from(n.max(1))) as u32
+    }
+}
+
+fn load(rng: &mut Rng, instance: u32, t: u64) -> InstanceLoad {
+    let total = 792;
+    let used = rng.below(total);
+    let waiting = rng.below(4);
+    let hol = if waiting > 0 { 1 + rng.below(64) } else { 0 };
+    InstanceLoad {
+        instance,
+        timestamp_us: t,
+        block_size: 16,
+        total_blocks: total,
+        used_blocks: used,
+        watermark_blocks: 8,
+        running: 1 + rng.below(48),
+        waiting,
+        head_of_line_demand_blocks: hol,
+        waiting_demand_blocks: hol * waiting,
+        high_priority_requests: u32::from(rng.below(10) == 0),
+        step_latency_us: 20_000 + rng.below(20_000),
+        ..Default::default()
+    }
+}
+
+fn time(f: impl FnOnce()) -> u64 {
+    let start = Instant::now();
+    f();
+    start.elapsed().as_nanos() as u64
+}
+
+fn scenario(wasm: Vec<u64>, wasm_full_list: Vec<u64>, native: Vec<u64>) -> Scenario {
+    let (wasm, wasm_full_list, native) = (percentiles(wasm), percentiles(wasm_full_list), percentiles(native));
+    let ratio = |a: &Percentiles| a.p50_ns as f64 / native.p50_ns.max(1) as f64;
+    Scenario {
+        wasm_native_ratio_p50: ratio(&wasm),
+        full_list_native_ratio_p50: ratio(&wasm_full_list),
+        wasm,
+        wasm_full_list,
+        native,
+    }
+}
+
+fn measure(bytes: &[u8], instances: u32, args: &Args) -> Result<(FleetSizeResult, String, String)> {
+    let config = RuntimeConfig::default();
+    let runtime = PolicyRuntime::new(config, "llumnix")?;
+    let policy = runtime.compile(bytes)?;
+    runtime.swap(PolicyKind::Dispatch, policy.clone())?;
+    runtime.swap(PolicyKind::Migration, policy.clone())?;
+    // The naive path drives an instance directly: reset(all) then decide.
+    let mut dispatch_instance = runtime.instantiate(&policy, PolicyKind::Dispatch)?;
+    let mut migration_instance = runtime.instantiate(&policy, PolicyKind::Migration)?;
+
+    let mut rng = Rng(args.seed ^ u64::from(instances));
+    let mut fleet = Fleet::new();
+    for i in 0..instances {
+        let l = load(&mut rng, i, 0);
+        fleet.upsert([l]);
+        runtime.observe(l);
+    }
+    let mut native = Llumnix::default();
+    let warmup = args.iterations / 10;
+    let n = args.iterations + warmup;
+    let (mut wasm, mut full, mut nat) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut mwasm, mut mfull, mut mnat) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for k in 0..n as u64 {
+        let which = rng.below(instances);
+        let changed = load(&mut rng, which, k);
+        let request = RequestMeta { id: k, prompt_tokens: 128, max_tokens: 128, ..Default::default() };
+        runtime.observe(changed);
+        let wasm_answer = {
+            let mut answer = None;
+            wasm.push(time(|| answer = runtime.dispatch(&request).value));
+            answer
+        };
+        let mut native_answer = None;
+        nat.push(time(|| {
+            fleet.upsert([changed]);
+            native_answer = native.dispatch(&fleet, &request);
+        }));
+        anyhow::ensure!(wasm_answer == native_answer, "wasm and native disagree at call {k}");
+        full.push(time(|| {
+            let loads: Vec<_> = fleet.loads().iter().map(llumen_host::policy::load_to_wit).collect();
+            dispatch_instance.reset(&loads).expect("reset");
+            dispatch_instance.dispatch(llumen_host::policy::request_to_wit(&request)).expect("dispatch");
+        }));
+        if k % 4 == 0 {
+            mwasm.push(time(|| drop(runtime.plan_migration())));
+            mnat.push(time(|| drop(native.plan_migration(&fleet))));
+            mfull.push(time(|| {
+                let loads: Vec<_> = fleet.loads().iter().map(llumen_host::policy::load_to_wit).collect();
+                migration_instance.reset(&loads).expect("reset");
+                migration_instance.plan().expect("plan");
+            }));
+        }
+    }
+    let skip = |mut v: Vec<u64>, w: usize| v.split_off(w.min(v.len()));
+    let result = FleetSizeResult {
+        instances,
+        dispatch: scenario(skip(wasm, warmup), skip(full, warmup), skip(nat, warmup)),
+        migration_plan: scenario(skip(mwasm, warmup / 4), skip(mfull, warmup / 4), skip(mnat, warmup / 4)),
+    };
+    let stats = runtime.status(PolicyKind::Dispatch);
+    let failures: u64 = stats.stats.values().map(|s| s.failures()).sum();
+    anyhow::ensure!(failures == 0, "policy calls failed during the benchmark: {stats:?}");
+    Ok((result, policy.name.clone(), policy.sha256.clone()))
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let path = args.policy_dir.join("llumnix.wasm");
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("reading {} (build it with scripts/build-policies.sh)", path.display()))?;
+    let mut results = Vec::new();
+    let (mut name, mut sha) = (String::new(), String::new());
+    for &instances in &args.instances {
+        let (r, n, s) = measure(&bytes, instances, args)?;
+        (name, sha) = (n, s);
+        results.push(r);
+    }
+    let target_met_at_64 = results
+        .iter()
+        .find(|r| r.instances == 64)
+        .map(|r| r.dispatch.wasm.p50_ns <= 1_000 && r.dispatch.wasm_native_ratio_p50 <= 3.0);
+    let report = Report {
+        benchmark: "policy-overhead",
+        policy: name,
+        policy_sha256: sha,
+        iterations: args.iterations,
+        seed: args.seed,
+        results,
+        target_met_at_64,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(report: &Report) {
+    eprintln!("policy-overhead: {} ({}), {} calls per cell, p50 / p99 ns", report.policy, &report.policy_sha256[..12], report.iterations);
+    eprintln!(
+        "{:>9} {:>10} | {:>15} {:>15} {:>15} | {:>9} {:>10}",
+        "instances", "decision", "wasm", "wasm full-list", "native", "wasm/nat", "full/nat"
+    );
+    for r in &report.results {
+        for (label, s) in [("dispatch", &r.dispatch), ("migration", &r.migration_plan)] {
+            eprintln!(
+                "{:>9} {:>10} | {:>7} / {:>5} {:>7} / {:>5} {:>7} / {:>5} | {:>8.2}x {:>9.2}x",
+                r.instances,
+                label,
+                s.wasm.p50_ns,
+                s.wasm.p99_ns,
+                s.wasm_full_list.p50_ns,
+                s.wasm_full_list.p99_ns,
+                s.native.p50_ns,
+                s.native.p99_ns,
+                s.wasm_native_ratio_p50,
+                s.full_list_native_ratio_p50
+            );
+        }
+    }
+    if let Some(met) = report.target_met_at_64 {
+        eprintln!("target at 64 instances (dispatch p50 <= 1000 ns and <= 3x native): {}", if met { "met" } else { "NOT met" });
+    }
+}
