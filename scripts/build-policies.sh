@@ -10,6 +10,7 @@
 # `llumen policy pack`, so both routes give the same interface.
 #
 # Idempotent; a rebuild with nothing changed takes about a second.
+# LLUMEN_PROFILE (dev or release, default dev) picks the host build used to pack.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,7 +61,10 @@ else
         /usr/bin/cargo build --locked --release --target "$target" -Zbuild-std=std,panic_abort)
 fi
 
+profile="${LLUMEN_PROFILE:-dev}"
 modules=()
 for g in "${guests[@]}"; do modules+=("$core_dir/$g.wasm"); done
 log "packing ${#modules[@]} components into $out_dir"
-(cd "$root" && cargo run --quiet --locked -p llumen-host --bin llumen -- policy pack --out "$out_dir" "${modules[@]}")
+# Same cargo profile as what runs next (tests: dev; main job: release), so
+# the host is built once.
+(cd "$root" && cargo run --quiet --locked --profile "$profile" -p llumen-host --bin llumen -- policy pack --out "$out_dir" "${modules[@]}")

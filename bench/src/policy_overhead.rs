@@ -68,11 +68,24 @@ struct Scenario {
     full_list_native_ratio_p50: f64,
 }
 
+/// Where a Wasm decision's time goes: single guest calls on a synced
+/// instance, p50 in ns.
+#[derive(Serialize)]
+struct CallBreakdown {
+    /// `fleet.upsert` with an empty list: the fixed cost of one call.
+    upsert_empty_p50_ns: u64,
+    /// `fleet.upsert` of one instance load.
+    upsert_one_p50_ns: u64,
+    /// `dispatch` alone, fleet view already in sync.
+    dispatch_only_p50_ns: u64,
+}
+
 #[derive(Serialize)]
 struct FleetSizeResult {
     instances: u32,
     dispatch: Scenario,
     migration_plan: Scenario,
+    breakdown: CallBreakdown,
 }
 
 #[derive(Serialize)]
@@ -196,10 +209,22 @@ fn measure(bytes: &[u8], instances: u32, args: &Args) -> Result<(FleetSizeResult
         }
     }
     let skip = |mut v: Vec<u64>, w: usize| v.split_off(w.min(v.len()));
+    let breakdown = {
+        let loads: Vec<_> = fleet.loads().iter().map(llumen_host::policy::load_to_wit).collect();
+        dispatch_instance.reset(&loads).expect("reset");
+        let request = llumen_host::policy::request_to_wit(&RequestMeta::default());
+        let p50 = |f: &mut dyn FnMut()| percentiles((0..args.iterations).map(|_| time(&mut *f)).collect()).p50_ns;
+        CallBreakdown {
+            upsert_empty_p50_ns: p50(&mut || dispatch_instance.upsert(&[]).expect("upsert")),
+            upsert_one_p50_ns: p50(&mut || dispatch_instance.upsert(&loads[..1]).expect("upsert")),
+            dispatch_only_p50_ns: p50(&mut || drop(dispatch_instance.dispatch(request).expect("dispatch"))),
+        }
+    };
     let result = FleetSizeResult {
         instances,
         dispatch: scenario(skip(wasm, warmup), skip(full, warmup), skip(nat, warmup)),
         migration_plan: scenario(skip(mwasm, warmup / 4), skip(mfull, warmup / 4), skip(mnat, warmup / 4)),
+        breakdown,
     };
     let stats = runtime.status(PolicyKind::Dispatch);
     let failures: u64 = stats.stats.values().map(|s| s.failures()).sum();
@@ -261,6 +286,13 @@ fn print_table(report: &Report) {
                 s.full_list_native_ratio_p50
             );
         }
+    }
+    for r in &report.results {
+        let b = &r.breakdown;
+        eprintln!(
+            "{:>9} breakdown p50: empty upsert call {} ns, upsert of one load {} ns, dispatch alone {} ns",
+            r.instances, b.upsert_empty_p50_ns, b.upsert_one_p50_ns, b.dispatch_only_p50_ns
+        );
     }
     if let Some(met) = report.target_met_at_64 {
         eprintln!("target at 64 instances (dispatch p50 <= 1000 ns and <= 3x native): {}", if met { "met" } else { "NOT met" });

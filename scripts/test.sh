@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need on a fresh machine (the Wasm guest
+# toolchain and the policy components) and runs every test. One cargo profile
+# (dev) throughout, so nothing is built twice.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+scripts/build-policies.sh
+# The shared policy logic belongs to the guest workspace; test it natively there.
+cargo test --locked --manifest-path policies/logic/Cargo.toml
+cargo test --locked --workspace
