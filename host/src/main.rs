@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use llumen_host::policy::{componentize, PolicyRuntime, RuntimeConfig};
 
 #[derive(Parser)]
-#[command(name = "llumen", version, about = "Serve LLMs on a fleet of instances, scheduled by Wasm policies")]
+#[command(
+    name = "llumen",
+    version,
+    about = "Serve LLMs on a fleet of instances, scheduled by Wasm policies"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,16 +54,22 @@ enum PolicyCommand {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Policy { command: PolicyCommand::Pack { out, modules } } => pack(&out, &modules),
-        Command::Policy { command: PolicyCommand::Inspect { json, files } } => inspect(&files, json),
+        Command::Policy {
+            command: PolicyCommand::Pack { out, modules },
+        } => pack(&out, &modules),
+        Command::Policy {
+            command: PolicyCommand::Inspect { json, files },
+        } => inspect(&files, json),
     }
 }
 
 fn pack(out: &Path, modules: &[PathBuf]) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for module in modules {
-        let bytes = std::fs::read(module).with_context(|| format!("reading {}", module.display()))?;
-        let component = componentize(&bytes).with_context(|| format!("packing {}", module.display()))?;
+        let bytes =
+            std::fs::read(module).with_context(|| format!("reading {}", module.display()))?;
+        let component =
+            componentize(&bytes).with_context(|| format!("packing {}", module.display()))?;
         let Some(stem) = module.file_stem().and_then(|s| s.to_str()) else {
             bail!("{} has no usable file name", module.display());
         };
@@ -68,7 +78,12 @@ fn pack(out: &Path, modules: &[PathBuf]) -> Result<()> {
         let tmp = dest.with_extension("wasm.tmp");
         std::fs::write(&tmp, &component).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &dest).with_context(|| format!("writing {}", dest.display()))?;
-        eprintln!("packed {} -> {} ({} bytes)", module.display(), dest.display(), component.len());
+        eprintln!(
+            "packed {} -> {} ({} bytes)",
+            module.display(),
+            dest.display(),
+            component.len()
+        );
     }
     Ok(())
 }
@@ -77,10 +92,19 @@ fn inspect(files: &[PathBuf], json: bool) -> Result<()> {
     let runtime = PolicyRuntime::new(RuntimeConfig::default(), "llumnix")?;
     let mut out = Vec::new();
     for file in files {
-        let policy = runtime.compile_file(file).with_context(|| format!("loading {}", file.display()))?;
+        let policy = runtime
+            .compile_file(file)
+            .with_context(|| format!("loading {}", file.display()))?;
         if !json {
             let kinds: Vec<_> = policy.kinds.iter().map(|k| k.as_str()).collect();
-            println!("{}: {} {} sha256:{} kinds: {}", file.display(), policy.name, policy.version, policy.sha256, kinds.join(","));
+            println!(
+                "{}: {} {} sha256:{} kinds: {}",
+                file.display(),
+                policy.name,
+                policy.version,
+                policy.sha256,
+                kinds.join(",")
+            );
         }
         out.push(serde_json::json!({
             "file": file,

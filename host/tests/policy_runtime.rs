@@ -13,10 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llumen_host::policy::{
-    CallFailure, CompiledPolicy, Decision, DecisionSource, PolicyError, PolicyKind, PolicyRuntime, RuntimeConfig,
+    CallFailure, CompiledPolicy, Decision, DecisionSource, PolicyError, PolicyKind, PolicyRuntime,
+    RuntimeConfig,
 };
 use llumen_policy_logic::{
-    self as logic, Fleet, InstanceLoad, MigrationCandidate, MigrationPair, Policy, RequestMeta, ScalingDecision,
+    self as logic, Fleet, InstanceLoad, MigrationCandidate, MigrationPair, Policy, RequestMeta,
+    ScalingDecision,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -30,7 +32,10 @@ fn policy_dir() -> PathBuf {
 fn component_bytes(name: &str) -> Vec<u8> {
     let path = policy_dir().join(format!("{name}.wasm"));
     std::fs::read(&path).unwrap_or_else(|e| {
-        panic!("{}: {e}; build the policy components first with scripts/build-policies.sh", path.display())
+        panic!(
+            "{}: {e}; build the policy components first with scripts/build-policies.sh",
+            path.display()
+        )
     })
 }
 
@@ -41,12 +46,16 @@ fn runtime() -> PolicyRuntime {
 /// For hostile guests: a deadline long enough that honest work (building a
 /// big list, growing memory to the cap) never races it on a loaded machine.
 fn patient_runtime() -> PolicyRuntime {
-    let config = RuntimeConfig { call_deadline: Duration::from_millis(250), ..RuntimeConfig::default() };
+    let config = RuntimeConfig {
+        call_deadline: Duration::from_millis(250),
+        ..RuntimeConfig::default()
+    };
     PolicyRuntime::new(config, "llumnix").expect("runtime")
 }
 
 fn compiled(rt: &PolicyRuntime, name: &str) -> Arc<CompiledPolicy> {
-    rt.compile(&component_bytes(name)).unwrap_or_else(|e| panic!("compiling {name}: {e}"))
+    rt.compile(&component_bytes(name))
+        .unwrap_or_else(|e| panic!("compiling {name}: {e}"))
 }
 
 /// SplitMix64: a tiny seeded generator, so inputs are reproducible.
@@ -78,7 +87,11 @@ fn random_load(rng: &mut Rng, instance: u32, t: u64) -> InstanceLoad {
     let used = rng.u32_below(total + 1);
     let running = rng.u32_below(40);
     let waiting = if rng.chance(40) { rng.u32_below(10) } else { 0 };
-    let hol = if waiting > 0 { 1 + rng.u32_below(120) } else { 0 };
+    let hol = if waiting > 0 {
+        1 + rng.u32_below(120)
+    } else {
+        0
+    };
     InstanceLoad {
         instance,
         timestamp_us: t,
@@ -88,11 +101,23 @@ fn random_load(rng: &mut Rng, instance: u32, t: u64) -> InstanceLoad {
         watermark_blocks: total / 100,
         running,
         waiting,
-        preempted: if waiting > 0 && rng.chance(20) { rng.u32_below(waiting) + 1 } else { 0 },
+        preempted: if waiting > 0 && rng.chance(20) {
+            rng.u32_below(waiting) + 1
+        } else {
+            0
+        },
         head_of_line_demand_blocks: hol,
         waiting_demand_blocks: hol + waiting.saturating_sub(1) * rng.u32_below(60),
-        high_priority_requests: if rng.chance(15) { 1 + rng.u32_below(3) } else { 0 },
-        headroom_blocks: if rng.chance(15) { rng.u32_below(128) } else { 0 },
+        high_priority_requests: if rng.chance(15) {
+            1 + rng.u32_below(3)
+        } else {
+            0
+        },
+        headroom_blocks: if rng.chance(15) {
+            rng.u32_below(128)
+        } else {
+            0
+        },
         migrating_out: u32::from(rng.chance(10)),
         migrating_in: u32::from(rng.chance(10)),
         step_latency_us: 10_000 + rng.u32_below(40_000),
@@ -130,7 +155,10 @@ fn assert_active<T: std::fmt::Debug>(d: &Decision<T>, policy: &CompiledPolicy) {
     assert_eq!(d.failure, None, "{d:?}");
     assert_eq!(
         d.source,
-        DecisionSource::Active { name: policy.name.clone(), sha256: policy.sha256.clone() },
+        DecisionSource::Active {
+            name: policy.name.clone(),
+            sha256: policy.sha256.clone()
+        },
         "{d:?}"
     );
 }
@@ -143,12 +171,16 @@ fn assert_active<T: std::fmt::Debug>(d: &Decision<T>, policy: &CompiledPolicy) {
 fn check_matches_native(name: &str, seed: u64, steps: usize) {
     let rt = runtime();
     let policy = compiled(&rt, name);
-    assert_eq!(policy.name, name);
+    assert_eq!(&*policy.name, name);
     for kind in PolicyKind::ALL {
-        rt.swap(kind, policy.clone()).unwrap_or_else(|e| panic!("swap {name} into {kind}: {e}"));
+        rt.swap(kind, policy.clone())
+            .unwrap_or_else(|e| panic!("swap {name} into {kind}: {e}"));
     }
     // One native copy per slot: each Wasm slot is its own instance with its own state.
-    let mut native: Vec<Box<dyn Policy>> = PolicyKind::ALL.iter().map(|_| logic::by_name(name).unwrap()).collect();
+    let mut native: Vec<Box<dyn Policy>> = PolicyKind::ALL
+        .iter()
+        .map(|_| logic::by_name(name).unwrap())
+        .collect();
     let mut fleet = Fleet::new();
     let mut rng = Rng(seed);
     let fleet_size = 2 + rng.u32_below(30);
@@ -170,7 +202,11 @@ fn check_matches_native(name: &str, seed: u64, steps: usize) {
 
         let d = rt.assign_priority(&request);
         assert_active(&d, &policy);
-        assert_eq!(d.value, native[2].assign_priority(&fleet, &request), "{ctx}");
+        assert_eq!(
+            d.value,
+            native[2].assign_priority(&fleet, &request),
+            "{ctx}"
+        );
 
         let d = rt.dispatch(&request);
         if fleet.serving().next().is_some() {
@@ -180,17 +216,28 @@ fn check_matches_native(name: &str, seed: u64, steps: usize) {
 
         if step % 5 == 0 {
             let d = rt.plan_migration();
-            let expected = if fleet.len() < 2 { Vec::new() } else { native[1].plan_migration(&fleet) };
+            let expected = if fleet.len() < 2 {
+                Vec::new()
+            } else {
+                native[1].plan_migration(&fleet)
+            };
             if fleet.len() >= 2 {
                 assert_active(&d, &policy);
             }
             assert_eq!(d.value, expected, "{ctx}");
-            let pair = d.value.first().copied().unwrap_or(MigrationPair { source: 0, destination: 1 });
+            let pair = d.value.first().copied().unwrap_or(MigrationPair {
+                source: 0,
+                destination: 1,
+            });
             let n = 1 + rng.below(12) as usize;
             let candidates = random_candidates(&mut rng, n);
             let d = rt.choose_migrations(pair, &candidates);
             assert_active(&d, &policy);
-            assert_eq!(d.value, native[1].choose_migrations(&fleet, pair, &candidates), "{ctx}");
+            assert_eq!(
+                d.value,
+                native[1].choose_migrations(&fleet, pair, &candidates),
+                "{ctx}"
+            );
         }
         if step % 7 == 0 {
             let d = rt.decide_scaling();
@@ -238,12 +285,18 @@ fn queue_length_component_matches_native() {
 fn core_module_and_packed_component_are_the_same_policy() {
     let rt = runtime();
     let core = std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/target/wasm32-unknown-unknown/release/llumnix.wasm"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../policies/target/wasm32-unknown-unknown/release/llumnix.wasm"),
     )
     .expect("core module built by scripts/build-policies.sh");
-    let from_core = rt.compile(&core).expect("a wit-bindgen core module is componentized on load");
+    let from_core = rt
+        .compile(&core)
+        .expect("a wit-bindgen core module is componentized on load");
     assert_eq!(from_core.sha256, compiled(&rt, "llumnix").sha256);
-    assert!(matches!(rt.compile(b"not wasm at all"), Err(PolicyError::NotWasm)));
+    assert!(matches!(
+        rt.compile(b"not wasm at all"),
+        Err(PolicyError::NotWasm)
+    ));
 }
 
 // ------------------------------------------------------- containment
@@ -267,7 +320,13 @@ fn two_instance_fleet(rt: &PolicyRuntime) -> Fleet {
 }
 
 fn hostile_request(trigger: u64) -> RequestMeta {
-    RequestMeta { id: 7, prompt_tokens: 10, max_tokens: 10, prefix_hash: trigger, ..Default::default() }
+    RequestMeta {
+        id: 7,
+        prompt_tokens: 10,
+        max_tokens: 10,
+        prefix_hash: trigger,
+        ..Default::default()
+    }
 }
 
 const SPIN: u64 = 0xBAD1;
@@ -288,28 +347,55 @@ fn hostile_guest_is_contained_and_builtin_answers() {
     let fleet = two_instance_fleet(&rt);
     let expected = logic::Llumnix::default().dispatch(&fleet, &hostile_request(0));
     assert_eq!(expected, Some(1));
-    let cases: [(u64, fn(&CallFailure) -> bool); 4] = [
+    type IsExpected = fn(&CallFailure) -> bool;
+    let cases: [(u64, IsExpected); 4] = [
         (SPIN, |f| *f == CallFailure::Timeout),
         (MEMORY_BOMB, |f| *f == CallFailure::MemoryLimit),
         (PANIC, |f| matches!(f, CallFailure::Trap(_))),
-        (UNKNOWN_INSTANCE, |f| matches!(f, CallFailure::Invalid(m) if m.contains("unknown instance"))),
+        (
+            UNKNOWN_INSTANCE,
+            |f| matches!(f, CallFailure::Invalid(m) if m.contains("unknown instance")),
+        ),
     ];
     for (trigger, is_expected_failure) in cases {
         let started = Instant::now();
         let d = rt.dispatch(&hostile_request(trigger));
         let elapsed = started.elapsed();
-        assert!(elapsed < Duration::from_secs(2), "trigger {trigger:#x} took {elapsed:?}");
-        let failure = d.failure.as_ref().unwrap_or_else(|| panic!("trigger {trigger:#x}: no failure recorded"));
-        assert!(is_expected_failure(failure), "trigger {trigger:#x}: {failure:?}");
-        assert_eq!(d.source, DecisionSource::Builtin { name: "llumnix".into() });
+        assert!(
+            elapsed < Duration::from_secs(2),
+            "trigger {trigger:#x} took {elapsed:?}"
+        );
+        let failure = d
+            .failure
+            .as_ref()
+            .unwrap_or_else(|| panic!("trigger {trigger:#x}: no failure recorded"));
+        assert!(
+            is_expected_failure(failure),
+            "trigger {trigger:#x}: {failure:?}"
+        );
+        assert_eq!(
+            d.source,
+            DecisionSource::Builtin {
+                name: "llumnix".into()
+            }
+        );
         assert_eq!(d.value, expected, "the fallback answers");
         // The very next well-behaved call is served by the (re-instantiated) active version.
         let d = rt.dispatch(&hostile_request(0));
         assert_active(&d, &hostile);
         assert_eq!(d.value, expected);
     }
-    let stats = &rt.status(PolicyKind::Dispatch).stats[&format!("hostile@{}", &hostile.sha256[..12])];
-    assert_eq!((stats.timeouts, stats.memory_limits, stats.traps, stats.invalid_answers), (1, 1, 1, 1));
+    let stats =
+        &rt.status(PolicyKind::Dispatch).stats[&format!("hostile@{}", &hostile.sha256[..12])];
+    assert_eq!(
+        (
+            stats.timeouts,
+            stats.memory_limits,
+            stats.traps,
+            stats.invalid_answers
+        ),
+        (1, 1, 1, 1)
+    );
 }
 
 #[test]
@@ -325,13 +411,25 @@ fn hostile_lists_and_headroom_are_rejected() {
     rt.observe(load);
     fleet.upsert([load]);
     let d = rt.plan_migration();
-    assert!(matches!(&d.failure, Some(CallFailure::Invalid(m)) if m.contains("migration pairs")), "{d:?}");
+    assert!(
+        matches!(&d.failure, Some(CallFailure::Invalid(m)) if m.contains("migration pairs")),
+        "{d:?}"
+    );
     assert_eq!(d.value, logic::Llumnix::default().plan_migration(&fleet));
     // An absurd headroom.
-    let request = RequestMeta { requested_priority: 1, ..hostile_request(ABSURD_HEADROOM) };
+    let request = RequestMeta {
+        requested_priority: 1,
+        ..hostile_request(ABSURD_HEADROOM)
+    };
     let d = rt.assign_priority(&request);
-    assert!(matches!(&d.failure, Some(CallFailure::Invalid(m)) if m.contains("headroom")), "{d:?}");
-    assert_eq!(d.value, logic::Llumnix::default().assign_priority(&fleet, &request));
+    assert!(
+        matches!(&d.failure, Some(CallFailure::Invalid(m)) if m.contains("headroom")),
+        "{d:?}"
+    );
+    assert_eq!(
+        d.value,
+        logic::Llumnix::default().assign_priority(&fleet, &request)
+    );
 }
 
 /// With an earlier version in place, a failing call is answered by it, and
@@ -344,14 +442,21 @@ fn last_good_version_answers_then_bad_version_is_demoted() {
     rt.swap(PolicyKind::Dispatch, round_robin.clone()).unwrap();
     rt.swap(PolicyKind::Dispatch, hostile.clone()).unwrap();
     two_instance_fleet(&rt);
-    let last_good = DecisionSource::LastGood { name: "round-robin".into(), sha256: round_robin.sha256.clone() };
+    let last_good = DecisionSource::LastGood {
+        name: "round-robin".into(),
+        sha256: round_robin.sha256.clone(),
+    };
     for i in 0..RuntimeConfig::default().max_consecutive_failures {
         let d = rt.dispatch(&hostile_request(PANIC));
         assert!(matches!(d.failure, Some(CallFailure::Trap(_))), "{d:?}");
         assert_eq!(d.source, last_good, "failure {i}");
         assert_eq!(d.value, Some(i % 2), "round-robin takes turns");
     }
-    assert_eq!(rt.active(PolicyKind::Dispatch).unwrap().sha256, round_robin.sha256, "hostile demoted");
+    assert_eq!(
+        rt.active(PolicyKind::Dispatch).unwrap().sha256,
+        round_robin.sha256,
+        "hostile demoted"
+    );
     let d = rt.dispatch(&hostile_request(PANIC));
     assert_active(&d, &round_robin);
 }
@@ -361,11 +466,21 @@ fn components_are_type_checked_against_the_slot_world() {
     let rt = runtime();
     let dispatch_only = compiled(&rt, "dispatch-only");
     assert_eq!(dispatch_only.kinds, [PolicyKind::Dispatch]);
-    for kind in [PolicyKind::Migration, PolicyKind::Priority, PolicyKind::Scaling] {
+    for kind in [
+        PolicyKind::Migration,
+        PolicyKind::Priority,
+        PolicyKind::Scaling,
+    ] {
         let err = rt.swap(kind, dispatch_only.clone()).unwrap_err();
-        assert!(matches!(err, PolicyError::WrongWorld { kind: k, .. } if k == kind), "{err}");
+        assert!(
+            matches!(err, PolicyError::WrongWorld { kind: k, .. } if k == kind),
+            "{err}"
+        );
     }
-    assert!(rt.active(PolicyKind::Migration).is_none(), "a refused swap changes nothing");
+    assert!(
+        rt.active(PolicyKind::Migration).is_none(),
+        "a refused swap changes nothing"
+    );
 }
 
 /// The history import: `dispatch-only` picks the lowest mean step latency
@@ -376,8 +491,11 @@ fn history_import_serves_recorded_snapshots() {
     let policy = compiled(&rt, "dispatch-only");
     rt.swap(PolicyKind::Dispatch, policy.clone()).unwrap();
     // Instance 0's latest step is the fastest, but its recent mean is the worst.
-    let latencies: [(u32, [u32; 5]); 3] =
-        [(0, [90_000, 90_000, 90_000, 90_000, 1_000]), (1, [5, 30_000, 30_000, 30_000, 30_000]), (2, [0, 40_000, 40_000, 40_000, 40_000])];
+    let latencies: [(u32, [u32; 5]); 3] = [
+        (0, [90_000, 90_000, 90_000, 90_000, 1_000]),
+        (1, [5, 30_000, 30_000, 30_000, 30_000]),
+        (2, [0, 40_000, 40_000, 40_000, 40_000]),
+    ];
     for step in 0..5 {
         for (instance, series) in latencies {
             rt.observe(InstanceLoad {
@@ -425,7 +543,12 @@ fn hot_swap_and_rollback_under_a_decision_stream() {
     let swaps_done = Arc::new(AtomicU64::new(0));
     let swap_points = [CALLS / 4, CALLS / 2, 3 * CALLS / 4];
     let streamer = {
-        let (rt, started, finished, swaps_done) = (rt.clone(), started.clone(), finished.clone(), swaps_done.clone());
+        let (rt, started, finished, swaps_done) = (
+            rt.clone(),
+            started.clone(),
+            finished.clone(),
+            swaps_done.clone(),
+        );
         std::thread::spawn(move || {
             let mut answers = Vec::with_capacity(CALLS as usize);
             for k in 0..CALLS {
@@ -440,7 +563,10 @@ fn hot_swap_and_rollback_under_a_decision_stream() {
                 let i = fleet_size + k;
                 rt.observe(load_at(i));
                 started.fetch_add(1, Ordering::SeqCst);
-                let d = rt.dispatch(&RequestMeta { id: i, ..Default::default() });
+                let d = rt.dispatch(&RequestMeta {
+                    id: i,
+                    ..Default::default()
+                });
                 finished.fetch_add(1, Ordering::SeqCst);
                 answers.push(d);
             }
@@ -460,9 +586,18 @@ fn hot_swap_and_rollback_under_a_decision_stream() {
         windows.push((before, started.load(Ordering::SeqCst)));
         swaps_done.fetch_add(1, Ordering::SeqCst);
     };
-    swap_at(swap_points[0], &|| rt.swap(PolicyKind::Dispatch, llumnix.clone()).unwrap());
-    swap_at(swap_points[1], &|| assert_eq!(rt.rollback(PolicyKind::Dispatch).unwrap().sha256, round_robin.sha256));
-    swap_at(swap_points[2], &|| rt.swap(PolicyKind::Dispatch, llumnix.clone()).unwrap());
+    swap_at(swap_points[0], &|| {
+        rt.swap(PolicyKind::Dispatch, llumnix.clone()).unwrap()
+    });
+    swap_at(swap_points[1], &|| {
+        assert_eq!(
+            rt.rollback(PolicyKind::Dispatch).unwrap().sha256,
+            round_robin.sha256
+        )
+    });
+    swap_at(swap_points[2], &|| {
+        rt.swap(PolicyKind::Dispatch, llumnix.clone()).unwrap()
+    });
     let answers = streamer.join().unwrap();
 
     // Replay: the fleet as the streamer saw it, and a fresh native copy of
@@ -473,12 +608,14 @@ fn hot_swap_and_rollback_under_a_decision_stream() {
         fleet.upsert([load_at(i)]);
     }
     let mut transitions = Vec::new();
-    let mut current: Option<String> = None;
+    let mut current: Option<Arc<str>> = None;
     let mut native: Box<dyn Policy> = logic::by_name("round-robin").unwrap();
     for (k, d) in answers.iter().enumerate() {
         fleet.upsert([load_at(fleet_size + k as u64)]);
         assert_eq!(d.failure, None, "call {k} failed: {d:?}");
-        let DecisionSource::Active { name, sha256 } = &d.source else { panic!("call {k} not served by the active version: {d:?}") };
+        let DecisionSource::Active { name, sha256 } = &d.source else {
+            panic!("call {k} not served by the active version: {d:?}")
+        };
         if current.as_ref() != Some(sha256) {
             if current.is_some() {
                 transitions.push(k as u64);
@@ -486,12 +623,26 @@ fn hot_swap_and_rollback_under_a_decision_stream() {
             current = Some(sha256.clone());
             native = logic::by_name(name).unwrap();
         }
-        let request = RequestMeta { id: fleet_size + k as u64, ..Default::default() };
-        assert_eq!(d.value, native.dispatch(&fleet, &request), "call {k} ({name})");
+        let request = RequestMeta {
+            id: fleet_size + k as u64,
+            ..Default::default()
+        };
+        assert_eq!(
+            d.value,
+            native.dispatch(&fleet, &request),
+            "call {k} ({name})"
+        );
     }
-    assert_eq!(transitions.len(), 3, "one switch per swap or rollback: {transitions:?}");
+    assert_eq!(
+        transitions.len(),
+        3,
+        "one switch per swap or rollback: {transitions:?}"
+    );
     for (t, (before, after)) in transitions.iter().zip(&windows) {
-        assert!(before <= t && t <= after, "switch at call {t}, swap window [{before}, {after}]");
+        assert!(
+            before <= t && t <= after,
+            "switch at call {t}, swap window [{before}, {after}]"
+        );
     }
 }
 
@@ -501,7 +652,12 @@ fn scaling_decision_round_trips() {
     let policy = compiled(&rt, "llumnix");
     rt.swap(PolicyKind::Scaling, policy.clone()).unwrap();
     for instance in 0..2 {
-        rt.observe(InstanceLoad { instance, total_blocks: 100, watermark_blocks: 1, ..Default::default() });
+        rt.observe(InstanceLoad {
+            instance,
+            total_blocks: 100,
+            watermark_blocks: 1,
+            ..Default::default()
+        });
     }
     let d = rt.decide_scaling();
     assert_active(&d, &policy);

@@ -34,18 +34,34 @@ pub struct MemoryCap {
 }
 
 impl wasmtime::ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_memory_bytes {
             self.exceeded = true;
-            wasmtime::bail!("policy memory cap of {} bytes exceeded (wanted {desired})", self.max_memory_bytes);
+            wasmtime::bail!(
+                "policy memory cap of {} bytes exceeded (wanted {desired})",
+                self.max_memory_bytes
+            );
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_table_elements {
             self.exceeded = true;
-            wasmtime::bail!("policy table cap of {} elements exceeded", self.max_table_elements);
+            wasmtime::bail!(
+                "policy table cap of {} elements exceeded",
+                self.max_table_elements
+            );
         }
         Ok(true)
     }
@@ -56,7 +72,11 @@ impl llumen::policy::types::Host for GuestState {}
 impl llumen::policy::history::Host for GuestState {
     fn recent(&mut self, instance: wit::InstanceId, max: u32) -> Vec<wit::InstanceLoad> {
         let max = max.min(self.history_max) as usize;
-        self.history.recent(instance, max).iter().map(load_to_wit).collect()
+        self.history
+            .recent(instance, max)
+            .iter()
+            .map(load_to_wit)
+            .collect()
     }
 }
 
@@ -111,11 +131,17 @@ pub fn candidate_to_wit(c: &logic::MigrationCandidate) -> wit::MigrationCandidat
 }
 
 pub fn pair_to_wit(p: logic::MigrationPair) -> wit::MigrationPair {
-    wit::MigrationPair { source: p.source, destination: p.destination }
+    wit::MigrationPair {
+        source: p.source,
+        destination: p.destination,
+    }
 }
 
 pub fn pair_from_wit(p: wit::MigrationPair) -> logic::MigrationPair {
-    logic::MigrationPair { source: p.source, destination: p.destination }
+    logic::MigrationPair {
+        source: p.source,
+        destination: p.destination,
+    }
 }
 
 pub fn scaling_from_wit(d: wit::ScalingDecision) -> logic::ScalingDecision {

@@ -16,12 +16,14 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
 
-use super::bindings::{self, dispatch, fleet, migration, priority, scaling, wit, GuestState, MemoryCap};
+use super::bindings::{
+    self, dispatch, fleet, migration, priority, scaling, wit, GuestState, MemoryCap,
+};
 use super::history::SnapshotHistory;
 use super::{CallFailure, PolicyError, PolicyKind, RuntimeConfig};
 
 /// Hex sha256 of a component's bytes: the identity of a policy version.
-pub type PolicySha = String;
+pub type PolicySha = Arc<str>;
 
 const COMPONENT_VERSION: [u8; 4] = [0x0d, 0x00, 0x01, 0x00];
 const CORE_VERSION: [u8; 4] = [0x01, 0x00, 0x00, 0x00];
@@ -56,9 +58,14 @@ pub struct PolicyEngine {
 impl PolicyEngine {
     /// An engine with epoch interruption on and a ticker thread advancing the
     /// epoch every `config.epoch_tick`.
-    pub fn new(config: RuntimeConfig, history: Arc<dyn SnapshotHistory>) -> Result<Self, PolicyError> {
+    pub fn new(
+        config: RuntimeConfig,
+        history: Arc<dyn SnapshotHistory>,
+    ) -> Result<Self, PolicyError> {
         let mut wasm_config = Config::new();
-        wasm_config.wasm_component_model(true).epoch_interruption(true);
+        wasm_config
+            .wasm_component_model(true)
+            .epoch_interruption(true);
         let engine = Engine::new(&wasm_config).map_err(PolicyError::Compile)?;
         let mut linker = Linker::new(&engine);
         bindings::add_imports(&mut linker).map_err(PolicyError::Link)?;
@@ -77,7 +84,14 @@ impl PolicyEngine {
                 })
                 .expect("spawning the epoch ticker thread")
         };
-        Ok(Self { engine, linker, config, history, ticker_stop, ticker: Some(ticker) })
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            history,
+            ticker_stop,
+            ticker: Some(ticker),
+        })
     }
 
     /// The runtime configuration this engine enforces.
@@ -90,10 +104,17 @@ impl PolicyEngine {
     /// a kind's world happens when it is instantiated for that kind.
     pub fn compile(&self, bytes: &[u8]) -> Result<Arc<CompiledPolicy>, PolicyError> {
         let component_bytes = componentize(bytes)?;
-        let sha256 = hex::encode(Sha256::digest(&component_bytes));
-        let component = Component::new(&self.engine, &component_bytes).map_err(PolicyError::Compile)?;
-        let pre = self.linker.instantiate_pre(&component).map_err(PolicyError::Link)?;
-        let fleet = fleet::GuestIndices::new(&pre).map_err(|e| PolicyError::WrongWorld { kind: PolicyKind::Dispatch, source: e })?;
+        let sha256: PolicySha = hex::encode(Sha256::digest(&component_bytes)).into();
+        let component =
+            Component::new(&self.engine, &component_bytes).map_err(PolicyError::Compile)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(PolicyError::Link)?;
+        let fleet = fleet::GuestIndices::new(&pre).map_err(|e| PolicyError::WrongWorld {
+            kind: PolicyKind::Dispatch,
+            source: e,
+        })?;
         let kinds = PolicyKind::ALL
             .into_iter()
             .filter(|kind| match kind {
@@ -104,8 +125,9 @@ impl PolicyEngine {
             })
             .collect();
         let mut compiled = CompiledPolicy {
+            label: String::new(),
             sha256,
-            name: String::new(),
+            name: "".into(),
             version: String::new(),
             kinds,
             component_bytes,
@@ -113,20 +135,35 @@ impl PolicyEngine {
             fleet,
         };
         // Ask the policy its name (also proves it instantiates and answers).
-        let kind = compiled.kinds.first().copied().unwrap_or(PolicyKind::Dispatch);
+        let kind = compiled
+            .kinds
+            .first()
+            .copied()
+            .unwrap_or(PolicyKind::Dispatch);
         let mut live = self.instantiate(&Arc::new(compiled.clone()), kind)?;
-        let info = live.info().map_err(|failure| PolicyError::Trial { kind, failure })?;
-        compiled.name = info.name;
+        let info = live
+            .info()
+            .map_err(|failure| PolicyError::Trial { kind, failure })?;
+        compiled.label = format!("{}@{}", info.name, &compiled.sha256[..12]);
+        compiled.name = info.name.into();
         compiled.version = info.version;
         Ok(Arc::new(compiled))
     }
 
     /// A fresh instance of `policy` for calls of `kind`, type-checked against
     /// that kind's interface.
-    pub fn instantiate(&self, policy: &Arc<CompiledPolicy>, kind: PolicyKind) -> Result<LiveInstance, PolicyError> {
+    pub fn instantiate(
+        &self,
+        policy: &Arc<CompiledPolicy>,
+        kind: PolicyKind,
+    ) -> Result<LiveInstance, PolicyError> {
         if !policy.kinds.contains(&kind) {
-            let missing = wasmtime::format_err!("no exported instance named `llumen:policy/{kind}@0.1.0`");
-            return Err(PolicyError::WrongWorld { kind, source: missing });
+            let missing =
+                wasmtime::format_err!("no exported instance named `llumen:policy/{kind}@0.1.0`");
+            return Err(PolicyError::WrongWorld {
+                kind,
+                source: missing,
+            });
         }
         let mut store = Store::new(
             &self.engine,
@@ -143,24 +180,45 @@ impl PolicyEngine {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let instance = policy.pre.instantiate(&mut store).map_err(PolicyError::Instantiate)?;
+        let instance = policy
+            .pre
+            .instantiate(&mut store)
+            .map_err(PolicyError::Instantiate)?;
         let wrong_world = |source| PolicyError::WrongWorld { kind, source };
-        let fleet = policy.fleet.load(&mut store, &instance).map_err(wrong_world)?;
+        let fleet = policy
+            .fleet
+            .load(&mut store, &instance)
+            .map_err(wrong_world)?;
         let calls = match kind {
             PolicyKind::Dispatch => KindCalls::Dispatch(
-                dispatch::GuestIndices::new(&policy.pre).and_then(|i| i.load(&mut store, &instance)).map_err(wrong_world)?,
+                dispatch::GuestIndices::new(&policy.pre)
+                    .and_then(|i| i.load(&mut store, &instance))
+                    .map_err(wrong_world)?,
             ),
             PolicyKind::Migration => KindCalls::Migration(
-                migration::GuestIndices::new(&policy.pre).and_then(|i| i.load(&mut store, &instance)).map_err(wrong_world)?,
+                migration::GuestIndices::new(&policy.pre)
+                    .and_then(|i| i.load(&mut store, &instance))
+                    .map_err(wrong_world)?,
             ),
             PolicyKind::Priority => KindCalls::Priority(
-                priority::GuestIndices::new(&policy.pre).and_then(|i| i.load(&mut store, &instance)).map_err(wrong_world)?,
+                priority::GuestIndices::new(&policy.pre)
+                    .and_then(|i| i.load(&mut store, &instance))
+                    .map_err(wrong_world)?,
             ),
             PolicyKind::Scaling => KindCalls::Scaling(
-                scaling::GuestIndices::new(&policy.pre).and_then(|i| i.load(&mut store, &instance)).map_err(wrong_world)?,
+                scaling::GuestIndices::new(&policy.pre)
+                    .and_then(|i| i.load(&mut store, &instance))
+                    .map_err(wrong_world)?,
             ),
         };
-        Ok(LiveInstance { policy: policy.clone(), store, fleet, calls, deadline_ticks: self.deadline_ticks(), synced_seq: 0 })
+        Ok(LiveInstance {
+            policy: policy.clone(),
+            store,
+            fleet,
+            calls,
+            deadline_ticks: self.deadline_ticks(),
+            synced_seq: 0,
+        })
     }
 
     fn deadline_ticks(&self) -> u64 {
@@ -185,7 +243,9 @@ pub struct CompiledPolicy {
     /// Hex sha256 of `component_bytes`.
     pub sha256: PolicySha,
     /// The name the policy gives itself (`fleet.info`).
-    pub name: String,
+    pub name: Arc<str>,
+    /// `<name>@<first 12 hex digits of sha256>`, for logs and stats.
+    pub label: String,
     /// The version the policy gives itself.
     pub version: String,
     /// The kinds of decision it implements.
@@ -230,43 +290,74 @@ pub struct LiveInstance {
 
 impl LiveInstance {
     pub fn info(&mut self) -> Result<wit::PolicyInfo, CallFailure> {
-        guarded(&mut self.store, self.deadline_ticks, |s| self.fleet.call_info(s))
+        guarded(&mut self.store, self.deadline_ticks, |s| {
+            self.fleet.call_info(s)
+        })
     }
 
     pub fn reset(&mut self, loads: &[wit::InstanceLoad]) -> Result<(), CallFailure> {
-        guarded(&mut self.store, self.deadline_ticks, |s| self.fleet.call_reset(s, loads))
+        guarded(&mut self.store, self.deadline_ticks, |s| {
+            self.fleet.call_reset(s, loads)
+        })
     }
 
     pub fn upsert(&mut self, loads: &[wit::InstanceLoad]) -> Result<(), CallFailure> {
-        guarded(&mut self.store, self.deadline_ticks, |s| self.fleet.call_upsert(s, loads))
+        guarded(&mut self.store, self.deadline_ticks, |s| {
+            self.fleet.call_upsert(s, loads)
+        })
     }
 
     pub fn remove(&mut self, instance: u32) -> Result<(), CallFailure> {
-        guarded(&mut self.store, self.deadline_ticks, |s| self.fleet.call_remove(s, instance))
+        guarded(&mut self.store, self.deadline_ticks, |s| {
+            self.fleet.call_remove(s, instance)
+        })
     }
 
     pub fn dispatch(&mut self, request: wit::RequestMeta) -> Result<u32, CallFailure> {
-        let KindCalls::Dispatch(g) = &self.calls else { return Err(CallFailure::wrong_kind()) };
-        guarded(&mut self.store, self.deadline_ticks, |s| g.call_dispatch(s, request))
+        let KindCalls::Dispatch(g) = &self.calls else {
+            return Err(CallFailure::wrong_kind());
+        };
+        guarded(&mut self.store, self.deadline_ticks, |s| {
+            g.call_dispatch(s, request)
+        })
     }
 
     pub fn plan(&mut self) -> Result<Vec<wit::MigrationPair>, CallFailure> {
-        let KindCalls::Migration(g) = &self.calls else { return Err(CallFailure::wrong_kind()) };
+        let KindCalls::Migration(g) = &self.calls else {
+            return Err(CallFailure::wrong_kind());
+        };
         guarded(&mut self.store, self.deadline_ticks, |s| g.call_plan(s))
     }
 
-    pub fn choose(&mut self, pair: wit::MigrationPair, candidates: &[wit::MigrationCandidate]) -> Result<Vec<u64>, CallFailure> {
-        let KindCalls::Migration(g) = &self.calls else { return Err(CallFailure::wrong_kind()) };
-        guarded(&mut self.store, self.deadline_ticks, |s| g.call_choose(s, pair, candidates))
+    pub fn choose(
+        &mut self,
+        pair: wit::MigrationPair,
+        candidates: &[wit::MigrationCandidate],
+    ) -> Result<Vec<u64>, CallFailure> {
+        let KindCalls::Migration(g) = &self.calls else {
+            return Err(CallFailure::wrong_kind());
+        };
+        guarded(&mut self.store, self.deadline_ticks, |s| {
+            g.call_choose(s, pair, candidates)
+        })
     }
 
-    pub fn assign(&mut self, request: wit::RequestMeta) -> Result<wit::PriorityAssignment, CallFailure> {
-        let KindCalls::Priority(g) = &self.calls else { return Err(CallFailure::wrong_kind()) };
-        guarded(&mut self.store, self.deadline_ticks, |s| g.call_assign(s, request))
+    pub fn assign(
+        &mut self,
+        request: wit::RequestMeta,
+    ) -> Result<wit::PriorityAssignment, CallFailure> {
+        let KindCalls::Priority(g) = &self.calls else {
+            return Err(CallFailure::wrong_kind());
+        };
+        guarded(&mut self.store, self.deadline_ticks, |s| {
+            g.call_assign(s, request)
+        })
     }
 
     pub fn decide(&mut self) -> Result<wit::ScalingDecision, CallFailure> {
-        let KindCalls::Scaling(g) = &self.calls else { return Err(CallFailure::wrong_kind()) };
+        let KindCalls::Scaling(g) = &self.calls else {
+            return Err(CallFailure::wrong_kind());
+        };
         guarded(&mut self.store, self.deadline_ticks, |s| g.call_decide(s))
     }
 }
@@ -299,6 +390,7 @@ impl Default for RuntimeConfig {
             history_max: 256,
             max_consecutive_failures: 3,
             max_scale_up: 64,
+            eager_sync: true,
         }
     }
 }

@@ -11,7 +11,10 @@ use super::PolicyKind;
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("reading policy file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("not a WebAssembly module or component (bad magic number)")]
     NotWasm,
     #[error("turning the core module into a component (is it built with wit-bindgen against llumen:policy?): {0:#}")]
@@ -21,11 +24,17 @@ pub enum PolicyError {
     #[error("the component does not fit the host (it may import something other than llumen:policy/history, such as WASI): {0:#}")]
     Link(wasmtime::Error),
     #[error("the component does not implement the {kind} world of llumen:policy: {source:#}")]
-    WrongWorld { kind: PolicyKind, source: wasmtime::Error },
+    WrongWorld {
+        kind: PolicyKind,
+        source: wasmtime::Error,
+    },
     #[error("instantiating the component: {0:#}")]
     Instantiate(wasmtime::Error),
     #[error("trial {kind} call failed: {failure}")]
-    Trial { kind: PolicyKind, failure: super::CallFailure },
+    Trial {
+        kind: PolicyKind,
+        failure: super::CallFailure,
+    },
     #[error("no earlier {0} policy to roll back to")]
     NothingToRollBack(PolicyKind),
 }

@@ -24,7 +24,10 @@ pub struct RecentHistory {
 impl RecentHistory {
     /// Keep at most `capacity` snapshots per instance.
     pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), by_instance: Mutex::default() }
+        Self {
+            capacity: capacity.max(1),
+            by_instance: Mutex::default(),
+        }
     }
 }
 
@@ -41,7 +44,12 @@ impl SnapshotHistory for RecentHistory {
     fn recent(&self, instance: InstanceId, max: usize) -> Vec<InstanceLoad> {
         let map = self.by_instance.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&instance)
-            .map(|ring| ring.iter().skip(ring.len().saturating_sub(max)).copied().collect())
+            .map(|ring| {
+                ring.iter()
+                    .skip(ring.len().saturating_sub(max))
+                    .copied()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -54,7 +62,11 @@ mod tests {
     fn keeps_the_newest_in_order() {
         let h = RecentHistory::new(3);
         for t in 0..5 {
-            h.record(&InstanceLoad { instance: 1, timestamp_us: t, ..Default::default() });
+            h.record(&InstanceLoad {
+                instance: 1,
+                timestamp_us: t,
+                ..Default::default()
+            });
         }
         let ts: Vec<_> = h.recent(1, 10).iter().map(|l| l.timestamp_us).collect();
         assert_eq!(ts, [2, 3, 4]);

@@ -56,7 +56,12 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 4] = [Self::Dispatch, Self::Migration, Self::Priority, Self::Scaling];
+    pub const ALL: [PolicyKind; 4] = [
+        Self::Dispatch,
+        Self::Migration,
+        Self::Priority,
+        Self::Scaling,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -85,7 +90,11 @@ impl FromStr for PolicyKind {
         Self::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown policy kind {s:?} (expected dispatch, migration, priority or scaling)"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown policy kind {s:?} (expected dispatch, migration, priority or scaling)"
+                )
+            })
     }
 }
 
@@ -104,6 +113,9 @@ pub struct RuntimeConfig {
     pub max_consecutive_failures: u32,
     /// Largest scale-up one scaling answer may ask for.
     pub max_scale_up: u32,
+    /// Send each observed load to the idle policies at once (off the
+    /// decision path) rather than only at their next call.
+    pub eager_sync: bool,
 }
 
 /// Why a call into a policy did not produce a usable answer.
@@ -137,11 +149,11 @@ impl CallFailure {
 #[serde(tag = "source", rename_all = "kebab-case")]
 pub enum DecisionSource {
     /// The active Wasm version.
-    Active { name: String, sha256: PolicySha },
+    Active { name: Arc<str>, sha256: PolicySha },
     /// The previous Wasm version, standing in for a failed active one.
-    LastGood { name: String, sha256: PolicySha },
+    LastGood { name: Arc<str>, sha256: PolicySha },
     /// The host's native implementation.
-    Builtin { name: String },
+    Builtin { name: Arc<str> },
 }
 
 /// A validated answer, where it came from, and what went wrong with the
@@ -164,11 +176,30 @@ pub struct VersionStats {
     pub unavailable: u64,
     /// Calls answered by this version as a stand-in for a failed active one.
     pub answered_as_fallback: u64,
-    pub total_call_ns: u64,
-    pub max_call_ns: u64,
+    /// Latency is measured on one active call in [`LATENCY_SAMPLE_EVERY`]
+    /// (reading the clock costs about as much as a tenth of a decision).
+    pub sampled_calls: u64,
+    pub sampled_call_ns_total: u64,
+    pub max_sampled_call_ns: u64,
 }
 
+/// One active-version call in this many is timed.
+pub const LATENCY_SAMPLE_EVERY: u64 = 8;
+
 impl VersionStats {
+    fn merge(&mut self, o: &VersionStats) {
+        self.calls += o.calls;
+        self.timeouts += o.timeouts;
+        self.memory_limits += o.memory_limits;
+        self.traps += o.traps;
+        self.invalid_answers += o.invalid_answers;
+        self.unavailable += o.unavailable;
+        self.answered_as_fallback += o.answered_as_fallback;
+        self.sampled_calls += o.sampled_calls;
+        self.sampled_call_ns_total += o.sampled_call_ns_total;
+        self.max_sampled_call_ns = self.max_sampled_call_ns.max(o.max_sampled_call_ns);
+    }
+
     fn count_failure(&mut self, f: &CallFailure) {
         match f {
             CallFailure::Timeout => self.timeouts += 1,
@@ -201,19 +232,19 @@ pub struct SlotStatus {
 /// Identity of one policy version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct VersionInfo {
-    pub name: String,
+    pub name: Arc<str>,
     pub version: String,
     pub sha256: PolicySha,
 }
 
 impl From<&CompiledPolicy> for VersionInfo {
     fn from(p: &CompiledPolicy) -> Self {
-        Self { name: p.name.clone(), version: p.version.clone(), sha256: p.sha256.clone() }
+        Self {
+            name: p.name.clone(),
+            version: p.version.clone(),
+            sha256: p.sha256.clone(),
+        }
     }
-}
-
-fn version_label(p: &CompiledPolicy) -> String {
-    format!("{}@{}", p.name, &p.sha256[..12])
 }
 
 /// The authoritative fleet view plus a log of which instances changed when.
@@ -247,7 +278,12 @@ impl FleetTable {
             return Ok(());
         }
         if live.synced_seq < self.log_floor || live.synced_seq == 0 {
-            let all: Vec<_> = self.fleet.loads().iter().map(bindings::load_to_wit).collect();
+            let all: Vec<_> = self
+                .fleet
+                .loads()
+                .iter()
+                .map(bindings::load_to_wit)
+                .collect();
             live.reset(&all)?;
         } else {
             let start = self.log.partition_point(|&(s, _)| s <= live.synced_seq);
@@ -280,12 +316,50 @@ struct Slot {
     /// Instance of `previous.last()`, made when first needed.
     fallback_live: Option<LiveInstance>,
     builtin: Box<dyn Policy>,
+    /// `builtin`'s name, and its stats label (`builtin:<name>`).
+    builtin_name: Arc<str>,
+    builtin_label: String,
     consecutive_failures: u32,
+    /// Counters of the active version (kept apart: they are bumped on every
+    /// call), folded into `stats` when it stops being active.
+    active_stats: VersionStats,
+    /// Counters of every other version and of the builtin, by label.
     stats: BTreeMap<String, VersionStats>,
 }
 
+impl Slot {
+    /// Moves the active version's counters into `stats`; call before the
+    /// active version changes.
+    fn fold_active_stats(&mut self) {
+        let counters = std::mem::take(&mut self.active_stats);
+        if let Some(active) = &self.active {
+            stats_of(&mut self.stats, &active.label).merge(&counters);
+        }
+    }
+
+    fn set_builtin(&mut self, name: &str) {
+        self.builtin = builtin_for(name);
+        let name = self.builtin.info().name;
+        self.builtin_label = format!("builtin:{name}");
+        self.builtin_name = name.into();
+    }
+}
+
+/// The native policy named `name` (llumnix when there is none by that name).
 fn builtin_for(name: &str) -> Box<dyn Policy> {
     logic::by_name(name).unwrap_or_else(|| Box::new(logic::Llumnix::default()))
+}
+
+/// The counters under `label`, creating them on first use (no allocation
+/// once they exist: this is on every call's path).
+fn stats_of<'a>(
+    stats: &'a mut BTreeMap<String, VersionStats>,
+    label: &str,
+) -> &'a mut VersionStats {
+    if !stats.contains_key(label) {
+        stats.insert(label.to_owned(), VersionStats::default());
+    }
+    stats.get_mut(label).expect("inserted above")
 }
 
 /// All four policy slots, the fleet table and the engine behind them.
@@ -308,24 +382,38 @@ impl PolicyRuntime {
     }
 
     /// As [`PolicyRuntime::new`], reading and recording snapshots in `history`.
-    pub fn with_history(config: RuntimeConfig, builtin: &str, history: Arc<dyn SnapshotHistory>) -> Result<Self, PolicyError> {
+    pub fn with_history(
+        config: RuntimeConfig,
+        builtin: &str,
+        history: Arc<dyn SnapshotHistory>,
+    ) -> Result<Self, PolicyError> {
         let engine = PolicyEngine::new(config, history.clone())?;
         let slot = |kind| {
-            Mutex::new(Slot {
+            let mut slot = Slot {
                 kind,
                 active: None,
                 live: None,
                 previous: Vec::new(),
                 fallback_live: None,
                 builtin: builtin_for(builtin),
+                builtin_name: "".into(),
+                builtin_label: String::new(),
                 consecutive_failures: 0,
+                active_stats: VersionStats::default(),
                 stats: BTreeMap::new(),
-            })
+            };
+            slot.set_builtin(builtin);
+            Mutex::new(slot)
         };
         Ok(Self {
             engine,
             history,
-            fleet: RwLock::new(FleetTable { fleet: Fleet::new(), seq: 0, log: Vec::new(), log_floor: 0 }),
+            fleet: RwLock::new(FleetTable {
+                fleet: Fleet::new(),
+                seq: 0,
+                log: Vec::new(),
+                log_floor: 0,
+            }),
             slots: PolicyKind::ALL.map(slot),
         })
     }
@@ -337,37 +425,88 @@ impl PolicyRuntime {
 
     /// Reads and compiles a policy file.
     pub fn compile_file(&self, path: &std::path::Path) -> Result<Arc<CompiledPolicy>, PolicyError> {
-        let bytes = std::fs::read(path).map_err(|source| PolicyError::Read { path: path.into(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| PolicyError::Read {
+            path: path.into(),
+            source,
+        })?;
         self.compile(&bytes)
     }
 
     /// A standalone instance of `policy` for `kind`, outside any slot: for
     /// tools that drive a policy directly (benchmarks, replay).
-    pub fn instantiate(&self, policy: &Arc<CompiledPolicy>, kind: PolicyKind) -> Result<LiveInstance, PolicyError> {
+    pub fn instantiate(
+        &self,
+        policy: &Arc<CompiledPolicy>,
+        kind: PolicyKind,
+    ) -> Result<LiveInstance, PolicyError> {
         self.engine.instantiate(policy, kind)
     }
 
     // ----- the fleet view -----
 
-    /// Records an instance's new load snapshot.
+    /// Records an instance's new load snapshot and, with `eager_sync`, sends
+    /// it on to the policies that are idle right now.
     pub fn observe(&self, load: InstanceLoad) {
         self.history.record(&load);
-        let mut table = self.fleet.write().unwrap_or_else(|e| e.into_inner());
-        table.fleet.upsert([load]);
-        table.changed(load.instance);
+        {
+            let mut table = self.fleet.write().unwrap_or_else(|e| e.into_inner());
+            table.fleet.upsert([load]);
+            table.changed(load.instance);
+        }
+        if self.engine.config().eager_sync {
+            self.push_changes();
+        }
     }
 
     /// Forgets an instance that left the fleet.
     pub fn remove_instance(&self, instance: InstanceId) {
-        let mut table = self.fleet.write().unwrap_or_else(|e| e.into_inner());
-        if table.fleet.remove(instance) {
-            table.changed(instance);
+        let removed = {
+            let mut table = self.fleet.write().unwrap_or_else(|e| e.into_inner());
+            let removed = table.fleet.remove(instance);
+            if removed {
+                table.changed(instance);
+            }
+            removed
+        };
+        if removed && self.engine.config().eager_sync {
+            self.push_changes();
+        }
+    }
+
+    /// Sends pending fleet changes to each slot's live instance, off the
+    /// decision path. A slot busy with a call is skipped: its next call
+    /// syncs first anyway. A policy that fails while being updated is
+    /// counted and dropped like one that fails a call.
+    fn push_changes(&self) {
+        for slot in &self.slots {
+            let Ok(mut guard) = slot.try_lock() else {
+                continue;
+            };
+            let slot = &mut *guard;
+            let Some(live) = slot.live.as_mut() else {
+                continue;
+            };
+            let result = self
+                .fleet
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .sync(live);
+            if let Err(failure) = result {
+                let label = live.policy.label.clone();
+                slot.active_stats.count_failure(&failure);
+                tracing::warn!(kind = %slot.kind, policy = %label, %failure, "policy failed a fleet update");
+                slot.live = None;
+            }
         }
     }
 
     /// A copy of the current fleet view.
     pub fn fleet(&self) -> Fleet {
-        self.fleet.read().unwrap_or_else(|e| e.into_inner()).fleet.clone()
+        self.fleet
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .fleet
+            .clone()
     }
 
     // ----- decisions -----
@@ -379,7 +518,11 @@ impl PolicyRuntime {
         self.decide(
             PolicyKind::Dispatch,
             |fleet| fleet.serving().next().is_none().then_some(None),
-            |live, fleet| live.dispatch(wit_request).and_then(|id| validate::dispatch(id, fleet)).map(Some),
+            |live, fleet| {
+                live.dispatch(wit_request)
+                    .and_then(|id| validate::dispatch(id, fleet))
+                    .map(Some)
+            },
             |p, fleet| p.dispatch(fleet, request),
         )
     }
@@ -390,7 +533,11 @@ impl PolicyRuntime {
             PolicyKind::Migration,
             |fleet| (fleet.len() < 2).then(Vec::new),
             |live, fleet| {
-                let pairs = live.plan()?.into_iter().map(bindings::pair_from_wit).collect();
+                let pairs = live
+                    .plan()?
+                    .into_iter()
+                    .map(bindings::pair_from_wit)
+                    .collect();
                 validate::plan(pairs, fleet)
             },
             |p, fleet| p.plan_migration(fleet),
@@ -398,12 +545,19 @@ impl PolicyRuntime {
     }
 
     /// Which of the source's `candidates` move for `pair`.
-    pub fn choose_migrations(&self, pair: MigrationPair, candidates: &[MigrationCandidate]) -> Decision<Vec<RequestId>> {
+    pub fn choose_migrations(
+        &self,
+        pair: MigrationPair,
+        candidates: &[MigrationCandidate],
+    ) -> Decision<Vec<RequestId>> {
         let wit_candidates: Vec<_> = candidates.iter().map(bindings::candidate_to_wit).collect();
         self.decide(
             PolicyKind::Migration,
             |_| candidates.is_empty().then(Vec::new),
-            |live, _| live.choose(bindings::pair_to_wit(pair), &wit_candidates).and_then(|ids| validate::choose(ids, candidates)),
+            |live, _| {
+                live.choose(bindings::pair_to_wit(pair), &wit_candidates)
+                    .and_then(|ids| validate::choose(ids, candidates))
+            },
             |p, fleet| p.choose_migrations(fleet, pair, candidates),
         )
     }
@@ -416,7 +570,13 @@ impl PolicyRuntime {
             |_| None,
             |live, fleet| {
                 let a = live.assign(wit_request)?;
-                validate::assign(PriorityAssignment { priority: a.priority, headroom_blocks: a.headroom_blocks }, fleet)
+                validate::assign(
+                    PriorityAssignment {
+                        priority: a.priority,
+                        headroom_blocks: a.headroom_blocks,
+                    },
+                    fleet,
+                )
             },
             |p, fleet| p.assign_priority(fleet, request),
         )
@@ -447,35 +607,53 @@ impl PolicyRuntime {
         let slot = &mut *guard;
         let table = self.fleet.read().unwrap_or_else(|e| e.into_inner());
         if let Some(value) = trivial(&table.fleet) {
-            let name = slot.builtin.info().name;
-            return Decision { value, source: DecisionSource::Builtin { name }, failure: None };
+            let name = slot.builtin_name.clone();
+            return Decision {
+                value,
+                source: DecisionSource::Builtin { name },
+                failure: None,
+            };
         }
         let mut failure = None;
         if let Some(active) = slot.active.clone() {
-            let started = Instant::now();
-            let result = self.call_live(&mut slot.live, &active, kind, &table, &wasm);
-            let elapsed = started.elapsed().as_nanos() as u64;
-            let stats = slot.stats.entry(version_label(&active)).or_default();
+            let stats = &mut slot.active_stats;
+            let started = stats
+                .calls
+                .is_multiple_of(LATENCY_SAMPLE_EVERY)
+                .then(Instant::now);
             stats.calls += 1;
-            stats.total_call_ns += elapsed;
-            stats.max_call_ns = stats.max_call_ns.max(elapsed);
+            let result = self.call_live(&mut slot.live, &active, kind, &table, &wasm);
+            if let Some(started) = started {
+                let elapsed = started.elapsed().as_nanos() as u64;
+                stats.sampled_calls += 1;
+                stats.sampled_call_ns_total += elapsed;
+                stats.max_sampled_call_ns = stats.max_sampled_call_ns.max(elapsed);
+            }
             match result {
                 Ok(value) => {
                     slot.consecutive_failures = 0;
-                    let source = DecisionSource::Active { name: active.name.clone(), sha256: active.sha256.clone() };
-                    return Decision { value, source, failure: None };
+                    let source = DecisionSource::Active {
+                        name: active.name.clone(),
+                        sha256: active.sha256.clone(),
+                    };
+                    return Decision {
+                        value,
+                        source,
+                        failure: None,
+                    };
                 }
                 Err(f) => {
                     stats.count_failure(&f);
-                    tracing::warn!(%kind, policy = %version_label(&active), failure = %f, "policy call failed; falling back");
+                    tracing::warn!(%kind, policy = %active.label, failure = %f, "policy call failed; falling back");
                     slot.consecutive_failures += 1;
                     failure = Some(f);
                 }
             }
             let demote = slot.consecutive_failures >= self.engine.config().max_consecutive_failures;
             if let Some(previous) = slot.previous.last().cloned() {
-                let result = self.call_live(&mut slot.fallback_live, &previous, kind, &table, &wasm);
-                let stats = slot.stats.entry(version_label(&previous)).or_default();
+                let result =
+                    self.call_live(&mut slot.fallback_live, &previous, kind, &table, &wasm);
+                let stats = stats_of(&mut slot.stats, &previous.label);
                 stats.calls += 1;
                 match result {
                     Ok(value) => {
@@ -483,8 +661,15 @@ impl PolicyRuntime {
                         if demote {
                             self.demote(slot);
                         }
-                        let source = DecisionSource::LastGood { name: previous.name.clone(), sha256: previous.sha256.clone() };
-                        return Decision { value, source, failure };
+                        let source = DecisionSource::LastGood {
+                            name: previous.name.clone(),
+                            sha256: previous.sha256.clone(),
+                        };
+                        return Decision {
+                            value,
+                            source,
+                            failure,
+                        };
                     }
                     Err(f) => stats.count_failure(&f),
                 }
@@ -493,14 +678,18 @@ impl PolicyRuntime {
                 self.demote(slot);
             }
         }
-        let name = slot.builtin.info().name;
-        let stats = slot.stats.entry(format!("builtin:{name}")).or_default();
+        let name = slot.builtin_name.clone();
+        let stats = stats_of(&mut slot.stats, &slot.builtin_label);
         stats.calls += 1;
         if failure.is_some() {
             stats.answered_as_fallback += 1;
         }
         let value = native(slot.builtin.as_mut(), &table.fleet);
-        Decision { value, source: DecisionSource::Builtin { name }, failure }
+        Decision {
+            value,
+            source: DecisionSource::Builtin { name },
+            failure,
+        }
     }
 
     /// Calls `policy` through `live`, instantiating it first if needed, and
@@ -513,12 +702,20 @@ impl PolicyRuntime {
         table: &FleetTable,
         wasm: &impl Fn(&mut LiveInstance, &Fleet) -> Result<T, CallFailure>,
     ) -> Result<T, CallFailure> {
-        if live.as_ref().is_none_or(|l| l.policy.sha256 != policy.sha256) {
-            let fresh = self.engine.instantiate(policy, kind).map_err(|e| CallFailure::Unavailable(e.to_string()))?;
+        if live
+            .as_ref()
+            .is_none_or(|l| !Arc::ptr_eq(&l.policy, policy))
+        {
+            let fresh = self
+                .engine
+                .instantiate(policy, kind)
+                .map_err(|e| CallFailure::Unavailable(e.to_string()))?;
             *live = Some(fresh);
         }
         let instance = live.as_mut().expect("instantiated above");
-        let result = table.sync(instance).and_then(|()| wasm(instance, &table.fleet));
+        let result = table
+            .sync(instance)
+            .and_then(|()| wasm(instance, &table.fleet));
         if result.as_ref().is_err_and(CallFailure::poisons) {
             *live = None;
         }
@@ -528,17 +725,21 @@ impl PolicyRuntime {
     /// The active version failed too often in a row: the previous version
     /// (or the builtin) takes over.
     fn demote(&self, slot: &mut Slot) {
+        slot.fold_active_stats();
         let failed = slot.active.take();
         slot.live = None;
         slot.consecutive_failures = 0;
         if let Some(previous) = slot.previous.pop() {
-            slot.live = slot.fallback_live.take().filter(|l| l.policy.sha256 == previous.sha256);
+            slot.live = slot
+                .fallback_live
+                .take()
+                .filter(|l| l.policy.sha256 == previous.sha256);
             slot.active = Some(previous);
         }
         tracing::error!(
             kind = %slot.kind,
-            demoted = failed.as_deref().map(version_label).unwrap_or_default(),
-            now = slot.active.as_deref().map(version_label).unwrap_or_else(|| "builtin".into()),
+            demoted = failed.as_deref().map(|p| p.label.clone()).unwrap_or_default(),
+            now = slot.active.as_deref().map(|p| p.label.clone()).unwrap_or_else(|| "builtin".into()),
             "policy demoted after repeated failures"
         );
     }
@@ -553,29 +754,35 @@ impl PolicyRuntime {
         self.trial(kind, &policy)?;
         let fresh = self.engine.instantiate(&policy, kind)?;
         let mut slot = lock(&self.slots[kind.index()]);
+        slot.fold_active_stats();
         if let Some(old) = slot.active.replace(policy.clone()) {
             slot.previous.push(old);
         }
         slot.live = Some(fresh);
         slot.fallback_live = None;
-        slot.builtin = builtin_for(&policy.name);
+        slot.set_builtin(&policy.name);
         slot.consecutive_failures = 0;
-        tracing::info!(%kind, policy = %version_label(&policy), "policy swapped in");
+        tracing::info!(%kind, policy = %policy.label, "policy swapped in");
         Ok(())
     }
 
     /// Makes the previous version active again.
     pub fn rollback(&self, kind: PolicyKind) -> Result<VersionInfo, PolicyError> {
         let mut slot = lock(&self.slots[kind.index()]);
-        let previous = slot.previous.last().cloned().ok_or(PolicyError::NothingToRollBack(kind))?;
+        let previous = slot
+            .previous
+            .last()
+            .cloned()
+            .ok_or(PolicyError::NothingToRollBack(kind))?;
         let fresh = self.engine.instantiate(&previous, kind)?;
+        slot.fold_active_stats();
         slot.previous.pop();
         slot.active = Some(previous.clone());
         slot.live = Some(fresh);
         slot.fallback_live = None;
-        slot.builtin = builtin_for(&previous.name);
+        slot.set_builtin(&previous.name);
         slot.consecutive_failures = 0;
-        tracing::info!(%kind, policy = %version_label(&previous), "policy rolled back");
+        tracing::info!(%kind, policy = %previous.label, "policy rolled back");
         Ok(VersionInfo::from(&*previous))
     }
 
@@ -588,23 +795,47 @@ impl PolicyRuntime {
             fleet = sample_fleet();
         }
         let loads: Vec<_> = fleet.loads().iter().map(bindings::load_to_wit).collect();
-        let request = bindings::request_to_wit(&RequestMeta { id: 1, prompt_tokens: 64, max_tokens: 64, ..Default::default() });
+        let request = bindings::request_to_wit(&RequestMeta {
+            id: 1,
+            prompt_tokens: 64,
+            max_tokens: 64,
+            ..Default::default()
+        });
         let max_scale_up = self.engine.config().max_scale_up;
         let trial_failure = |failure| PolicyError::Trial { kind, failure };
         live.reset(&loads).map_err(trial_failure)?;
         match kind {
-            PolicyKind::Dispatch => live.dispatch(request).and_then(|id| validate::dispatch(id, &fleet)).map(drop),
+            PolicyKind::Dispatch => live
+                .dispatch(request)
+                .and_then(|id| validate::dispatch(id, &fleet))
+                .map(drop),
             PolicyKind::Migration => live
                 .plan()
-                .and_then(|pairs| validate::plan(pairs.into_iter().map(bindings::pair_from_wit).collect(), &fleet))
+                .and_then(|pairs| {
+                    validate::plan(
+                        pairs.into_iter().map(bindings::pair_from_wit).collect(),
+                        &fleet,
+                    )
+                })
                 .map(drop),
             PolicyKind::Priority => live
                 .assign(request)
-                .and_then(|a| validate::assign(PriorityAssignment { priority: a.priority, headroom_blocks: a.headroom_blocks }, &fleet))
+                .and_then(|a| {
+                    validate::assign(
+                        PriorityAssignment {
+                            priority: a.priority,
+                            headroom_blocks: a.headroom_blocks,
+                        },
+                        &fleet,
+                    )
+                })
                 .map(drop),
-            PolicyKind::Scaling => {
-                live.decide().and_then(|d| validate::scaling(bindings::scaling_from_wit(d), &fleet, max_scale_up)).map(drop)
-            }
+            PolicyKind::Scaling => live
+                .decide()
+                .and_then(|d| {
+                    validate::scaling(bindings::scaling_from_wit(d), &fleet, max_scale_up)
+                })
+                .map(drop),
         }
         .map_err(trial_failure)
     }
@@ -622,9 +853,19 @@ impl PolicyRuntime {
         SlotStatus {
             kind,
             active: slot.active.as_deref().map(VersionInfo::from),
-            previous: slot.previous.iter().map(|p| VersionInfo::from(&**p)).collect(),
-            builtin: slot.builtin.info().name,
-            stats: slot.stats.clone(),
+            previous: slot
+                .previous
+                .iter()
+                .map(|p| VersionInfo::from(&**p))
+                .collect(),
+            builtin: slot.builtin_name.to_string(),
+            stats: {
+                let mut stats = slot.stats.clone();
+                if let Some(active) = &slot.active {
+                    stats_of(&mut stats, &active.label).merge(&slot.active_stats);
+                }
+                stats
+            },
         }
     }
 }

@@ -5,7 +5,8 @@
 use std::collections::HashSet;
 
 use llumen_policy_logic::{
-    Fleet, InstanceId, MigrationCandidate, MigrationPair, PriorityAssignment, RequestId, ScalingDecision,
+    Fleet, InstanceId, MigrationCandidate, MigrationPair, PriorityAssignment, RequestId,
+    ScalingDecision,
 };
 
 use super::CallFailure;
@@ -17,8 +18,12 @@ fn invalid(msg: String) -> CallFailure {
 /// The chosen instance exists and accepts requests.
 pub fn dispatch(instance: InstanceId, fleet: &Fleet) -> Result<InstanceId, CallFailure> {
     match fleet.get(instance) {
-        None => Err(invalid(format!("dispatch chose unknown instance {instance}"))),
-        Some(l) if l.draining => Err(invalid(format!("dispatch chose draining instance {instance}"))),
+        None => Err(invalid(format!(
+            "dispatch chose unknown instance {instance}"
+        ))),
+        Some(l) if l.draining => Err(invalid(format!(
+            "dispatch chose draining instance {instance}"
+        ))),
         Some(_) => Ok(instance),
     }
 }
@@ -27,7 +32,11 @@ pub fn dispatch(instance: InstanceId, fleet: &Fleet) -> Result<InstanceId, CallF
 /// itself, and no destination is draining.
 pub fn plan(pairs: Vec<MigrationPair>, fleet: &Fleet) -> Result<Vec<MigrationPair>, CallFailure> {
     if pairs.len() > fleet.len() / 2 {
-        return Err(invalid(format!("{} migration pairs for a fleet of {}", pairs.len(), fleet.len())));
+        return Err(invalid(format!(
+            "{} migration pairs for a fleet of {}",
+            pairs.len(),
+            fleet.len()
+        )));
     }
     let mut seen = HashSet::with_capacity(pairs.len() * 2);
     for p in &pairs {
@@ -39,25 +48,39 @@ pub fn plan(pairs: Vec<MigrationPair>, fleet: &Fleet) -> Result<Vec<MigrationPai
                 return Err(invalid(format!("migration names unknown instance {id}")));
             }
             if !seen.insert(id) {
-                return Err(invalid(format!("instance {id} appears in more than one migration pair")));
+                return Err(invalid(format!(
+                    "instance {id} appears in more than one migration pair"
+                )));
             }
         }
         if fleet.get(p.destination).is_some_and(|l| l.draining) {
-            return Err(invalid(format!("migration into draining instance {}", p.destination)));
+            return Err(invalid(format!(
+                "migration into draining instance {}",
+                p.destination
+            )));
         }
     }
     Ok(pairs)
 }
 
 /// Every chosen request is a candidate, chosen once.
-pub fn choose(ids: Vec<RequestId>, candidates: &[MigrationCandidate]) -> Result<Vec<RequestId>, CallFailure> {
+pub fn choose(
+    ids: Vec<RequestId>,
+    candidates: &[MigrationCandidate],
+) -> Result<Vec<RequestId>, CallFailure> {
     if ids.len() > candidates.len() {
-        return Err(invalid(format!("{} requests chosen from {} candidates", ids.len(), candidates.len())));
+        return Err(invalid(format!(
+            "{} requests chosen from {} candidates",
+            ids.len(),
+            candidates.len()
+        )));
     }
     let mut seen = HashSet::with_capacity(ids.len());
     for &id in &ids {
         if !candidates.iter().any(|c| c.id == id) {
-            return Err(invalid(format!("request {id} is not a migration candidate")));
+            return Err(invalid(format!(
+                "request {id} is not a migration candidate"
+            )));
         }
         if !seen.insert(id) {
             return Err(invalid(format!("request {id} chosen twice")));
@@ -68,7 +91,12 @@ pub fn choose(ids: Vec<RequestId>, candidates: &[MigrationCandidate]) -> Result<
 
 /// Headroom no larger than the largest instance.
 pub fn assign(a: PriorityAssignment, fleet: &Fleet) -> Result<PriorityAssignment, CallFailure> {
-    let largest = fleet.loads().iter().map(|l| l.total_blocks).max().unwrap_or(1 << 20);
+    let largest = fleet
+        .loads()
+        .iter()
+        .map(|l| l.total_blocks)
+        .max()
+        .unwrap_or(1 << 20);
     if a.headroom_blocks > largest {
         return Err(invalid(format!(
             "headroom of {} blocks exceeds the largest instance ({largest} blocks)",
@@ -79,14 +107,20 @@ pub fn assign(a: PriorityAssignment, fleet: &Fleet) -> Result<PriorityAssignment
 }
 
 /// A scale-up within bounds; a drain of a known instance not already draining.
-pub fn scaling(d: ScalingDecision, fleet: &Fleet, max_scale_up: u32) -> Result<ScalingDecision, CallFailure> {
+pub fn scaling(
+    d: ScalingDecision,
+    fleet: &Fleet,
+    max_scale_up: u32,
+) -> Result<ScalingDecision, CallFailure> {
     match d {
-        ScalingDecision::ScaleUp(k) if k == 0 || k > max_scale_up => {
-            Err(invalid(format!("scale up by {k} (allowed 1..={max_scale_up})")))
-        }
+        ScalingDecision::ScaleUp(k) if k == 0 || k > max_scale_up => Err(invalid(format!(
+            "scale up by {k} (allowed 1..={max_scale_up})"
+        ))),
         ScalingDecision::Drain(id) => match fleet.get(id) {
             None => Err(invalid(format!("drain of unknown instance {id}"))),
-            Some(l) if l.draining => Err(invalid(format!("drain of instance {id}, already draining"))),
+            Some(l) if l.draining => {
+                Err(invalid(format!("drain of instance {id}, already draining")))
+            }
             Some(_) => Ok(d),
         },
         _ => Ok(d),
@@ -100,7 +134,12 @@ mod tests {
 
     fn fleet() -> Fleet {
         let mut f = Fleet::new();
-        f.reset((0..4).map(|i| InstanceLoad { instance: i, total_blocks: 100, draining: i == 3, ..Default::default() }));
+        f.reset((0..4).map(|i| InstanceLoad {
+            instance: i,
+            total_blocks: 100,
+            draining: i == 3,
+            ..Default::default()
+        }));
         f
     }
 
@@ -110,18 +149,38 @@ mod tests {
         assert!(dispatch(1, &f).is_ok());
         assert!(dispatch(3, &f).is_err());
         assert!(dispatch(9, &f).is_err());
-        let p = |source, destination| MigrationPair { source, destination };
+        let p = |source, destination| MigrationPair {
+            source,
+            destination,
+        };
         assert!(plan(vec![p(0, 1)], &f).is_ok());
         assert!(plan(vec![p(0, 0)], &f).is_err());
         assert!(plan(vec![p(0, 3)], &f).is_err());
         assert!(plan(vec![p(0, 1), p(1, 2)], &f).is_err());
         assert!(plan(vec![p(0, 1); 3], &f).is_err());
-        let c = |id| MigrationCandidate { id, ..Default::default() };
+        let c = |id| MigrationCandidate {
+            id,
+            ..Default::default()
+        };
         assert!(choose(vec![2], &[c(1), c(2)]).is_ok());
         assert!(choose(vec![2, 2], &[c(1), c(2)]).is_err());
         assert!(choose(vec![5], &[c(1), c(2)]).is_err());
-        assert!(assign(PriorityAssignment { priority: 1, headroom_blocks: 100 }, &f).is_ok());
-        assert!(assign(PriorityAssignment { priority: 1, headroom_blocks: 101 }, &f).is_err());
+        assert!(assign(
+            PriorityAssignment {
+                priority: 1,
+                headroom_blocks: 100
+            },
+            &f
+        )
+        .is_ok());
+        assert!(assign(
+            PriorityAssignment {
+                priority: 1,
+                headroom_blocks: 101
+            },
+            &f
+        )
+        .is_err());
         assert!(scaling(ScalingDecision::ScaleUp(0), &f, 8).is_err());
         assert!(scaling(ScalingDecision::ScaleUp(9), &f, 8).is_err());
         assert!(scaling(ScalingDecision::Drain(3), &f, 8).is_err());

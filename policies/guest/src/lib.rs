@@ -123,7 +123,10 @@ fn candidate_from_wit(c: &wit::MigrationCandidate) -> logic::MigrationCandidate 
 impl fleet::Guest for Adapter {
     fn info() -> wit::PolicyInfo {
         let info = with_state(|s| s.policy.info());
-        wit::PolicyInfo { name: info.name, version: info.version }
+        wit::PolicyInfo {
+            name: info.name,
+            version: info.version,
+        }
     }
     fn reset(loads: Vec<wit::InstanceLoad>) {
         with_state(|s| s.fleet.reset(loads.into_iter().map(load_from_wit)))
@@ -152,11 +155,20 @@ impl migration::Guest for Adapter {
     fn plan() -> Vec<wit::MigrationPair> {
         with_state(|s| s.policy.plan_migration(&s.fleet))
             .into_iter()
-            .map(|p| wit::MigrationPair { source: p.source, destination: p.destination })
+            .map(|p| wit::MigrationPair {
+                source: p.source,
+                destination: p.destination,
+            })
             .collect()
     }
-    fn choose(pair: wit::MigrationPair, candidates: Vec<wit::MigrationCandidate>) -> Vec<wit::RequestId> {
-        let pair = logic::MigrationPair { source: pair.source, destination: pair.destination };
+    fn choose(
+        pair: wit::MigrationPair,
+        candidates: Vec<wit::MigrationCandidate>,
+    ) -> Vec<wit::RequestId> {
+        let pair = logic::MigrationPair {
+            source: pair.source,
+            destination: pair.destination,
+        };
         let candidates: Vec<_> = candidates.iter().map(candidate_from_wit).collect();
         with_state(|s| s.policy.choose_migrations(&s.fleet, pair, &candidates))
     }
@@ -166,7 +178,10 @@ impl priority::Guest for Adapter {
     fn assign(request: wit::RequestMeta) -> wit::PriorityAssignment {
         let request = request_from_wit(request);
         let a = with_state(|s| s.policy.assign_priority(&s.fleet, &request));
-        wit::PriorityAssignment { priority: a.priority, headroom_blocks: a.headroom_blocks }
+        wit::PriorityAssignment {
+            priority: a.priority,
+            headroom_blocks: a.headroom_blocks,
+        }
     }
 }
 

@@ -24,7 +24,10 @@ impl Fleet {
     /// Insert or replace the loads of these instances.
     pub fn upsert(&mut self, loads: impl IntoIterator<Item = InstanceLoad>) {
         for load in loads {
-            match self.loads.binary_search_by_key(&load.instance, |l| l.instance) {
+            match self
+                .loads
+                .binary_search_by_key(&load.instance, |l| l.instance)
+            {
                 Ok(i) => self.loads[i] = load,
                 Err(i) => self.loads.insert(i, load),
             }
@@ -68,7 +71,9 @@ impl Fleet {
     }
 
     fn position(&self, instance: InstanceId) -> Option<usize> {
-        self.loads.binary_search_by_key(&instance, |l| l.instance).ok()
+        self.loads
+            .binary_search_by_key(&instance, |l| l.instance)
+            .ok()
     }
 }
 
@@ -77,7 +82,11 @@ mod tests {
     use super::*;
 
     fn load(instance: InstanceId, used: u32) -> InstanceLoad {
-        InstanceLoad { instance, used_blocks: used, ..Default::default() }
+        InstanceLoad {
+            instance,
+            used_blocks: used,
+            ..Default::default()
+        }
     }
 
     #[test]

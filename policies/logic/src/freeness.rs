@@ -19,7 +19,10 @@ impl Freeness {
         if denominator == 0 {
             Freeness::PosInf
         } else {
-            Freeness::Finite { numerator, denominator }
+            Freeness::Finite {
+                numerator,
+                denominator,
+            }
         }
     }
 
@@ -46,9 +49,27 @@ impl Ord for Freeness {
     fn cmp(&self, other: &Self) -> Ordering {
         match (*self, *other) {
             (
-                Freeness::Finite { numerator: a, denominator: da },
-                Freeness::Finite { numerator: b, denominator: db },
-            ) => (i128::from(a) * i128::from(db)).cmp(&(i128::from(b) * i128::from(da))),
+                Freeness::Finite {
+                    numerator: a,
+                    denominator: da,
+                },
+                Freeness::Finite {
+                    numerator: b,
+                    denominator: db,
+                },
+            ) => {
+                // Cross-multiply, exactly. Real block counts keep both
+                // factors below 2^31, so the products fit in 64 bits; only
+                // absurd values take the 128-bit path (which on wasm32 is a
+                // slow library call, as is a checked multiplication).
+                const SMALL: u64 = 1 << 31;
+                if a.unsigned_abs() < SMALL && b.unsigned_abs() < SMALL && da < SMALL && db < SMALL
+                {
+                    (a * db as i64).cmp(&(b * da as i64))
+                } else {
+                    (i128::from(a) * i128::from(db)).cmp(&(i128::from(b) * i128::from(da)))
+                }
+            }
             (a, b) => a.rank().cmp(&b.rank()),
         }
     }
@@ -67,11 +88,17 @@ mod tests {
     #[test]
     fn orders_exactly() {
         assert!(Freeness::ratio(1, 3) < Freeness::ratio(1, 2));
-        assert_eq!(Freeness::ratio(2, 4).cmp(&Freeness::ratio(1, 2)), Ordering::Equal);
+        assert_eq!(
+            Freeness::ratio(2, 4).cmp(&Freeness::ratio(1, 2)),
+            Ordering::Equal
+        );
         assert!(Freeness::ratio(-5, 1) < Freeness::ratio(0, 7));
         assert!(Freeness::NegInf < Freeness::ratio(i64::MIN, 1));
         assert!(Freeness::ratio(i64::MAX, 1) < Freeness::ratio(3, 0));
         assert!(Freeness::ratio(5, 2).below(3) && Freeness::ratio(7, 2).above(3));
+        // Beyond 64-bit cross products: the 128-bit path decides.
+        assert!(Freeness::ratio(i64::MAX, u64::MAX) < Freeness::ratio(i64::MAX - 1, u64::MAX / 2));
+        assert!(Freeness::ratio(i64::MIN, 3) < Freeness::ratio(i64::MIN + 1, 3));
         assert!(!Freeness::ratio(6, 2).below(3) && !Freeness::ratio(6, 2).above(3));
     }
 }

@@ -22,7 +22,9 @@ mod types;
 
 pub use fleet::Fleet;
 pub use freeness::Freeness;
-pub use policies::{by_name, Infaas, Llumnix, LlumnixParams, QueueLength, RoundRobin, POLICY_NAMES};
+pub use policies::{
+    by_name, Infaas, Llumnix, LlumnixParams, QueueLength, RoundRobin, POLICY_NAMES,
+};
 pub use types::*;
 
 /// One scheduling policy: the four kinds of decision over a fleet view.

@@ -20,7 +20,10 @@ pub fn by_name(name: &str) -> Option<Box<dyn Policy>> {
 }
 
 fn info(name: &str) -> PolicyInfo {
-    PolicyInfo { name: name.into(), version: env!("CARGO_PKG_VERSION").into() }
+    PolicyInfo {
+        name: name.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
 }
 
 /// Dispatch and scaling freeness: (available − Σ waiting demand − headroom)
@@ -48,7 +51,10 @@ pub fn migration_freeness(load: &InstanceLoad) -> Freeness {
     let virtual_free = load.available_blocks()
         - i64::from(load.head_of_line_demand_blocks)
         - i64::from(load.headroom_blocks);
-    Freeness::ratio(virtual_free, u64::from(load.running) + u64::from(load.waiting > 0))
+    Freeness::ratio(
+        virtual_free,
+        u64::from(load.running) + u64::from(load.waiting > 0),
+    )
 }
 
 /// The instance with the highest key; ties go to the lowest instance id.
@@ -114,9 +120,20 @@ impl Policy for Llumnix {
     /// the preferred pool is empty, every serving instance is a candidate.
     fn dispatch(&mut self, fleet: &Fleet, request: &RequestMeta) -> Option<InstanceId> {
         let high = request.priority > 0;
-        let in_pool = |l: &&InstanceLoad| (l.high_priority_requests > 0) == high;
-        freest(fleet.serving().filter(in_pool), dispatch_freeness)
-            .or_else(|| freest(fleet.serving(), dispatch_freeness))
+        // One pass: the freest in the preferred pool and the freest overall.
+        let mut in_pool: Option<(Freeness, InstanceId)> = None;
+        let mut overall: Option<(Freeness, InstanceId)> = None;
+        for load in fleet.serving() {
+            let f = dispatch_freeness(load);
+            if overall.is_none_or(|(best, _)| f > best) {
+                overall = Some((f, load.instance));
+            }
+            if (load.high_priority_requests > 0) == high && in_pool.is_none_or(|(best, _)| f > best)
+            {
+                in_pool = Some((f, load.instance));
+            }
+        }
+        in_pool.or(overall).map(|(_, id)| id)
     }
 
     /// Sources: migration freeness below the low threshold, or preempted
@@ -145,7 +162,10 @@ impl Policy for Llumnix {
         sources
             .iter()
             .zip(&destinations)
-            .map(|(s, d)| MigrationPair { source: s.1, destination: d.1 })
+            .map(|(s, d)| MigrationPair {
+                source: s.1,
+                destination: d.1,
+            })
             .collect()
     }
 
@@ -199,7 +219,8 @@ fn freeness_band_scaling(fleet: &Fleet, p: &LlumnixParams) -> ScalingDecision {
     let requests: u64 = serving.iter().map(|l| u64::from(l.requests())).sum();
     let average = Freeness::ratio(virtual_free, requests);
     if average.below(p.scale_up_below) {
-        let mean_capacity = (serving.iter().map(|l| capacity(l)).sum::<i64>() / serving.len() as i64).max(1);
+        let mean_capacity =
+            (serving.iter().map(|l| capacity(l)).sum::<i64>() / serving.len() as i64).max(1);
         let missing = p.scale_up_below * requests as i64 - virtual_free;
         let k = (missing + mean_capacity - 1) / mean_capacity;
         return ScalingDecision::ScaleUp(k.clamp(1, i64::from(p.max_scale_up)) as u32);
@@ -238,7 +259,12 @@ impl Policy for Infaas {
     fn plan_migration(&mut self, _fleet: &Fleet) -> Vec<MigrationPair> {
         Vec::new()
     }
-    fn choose_migrations(&mut self, _: &Fleet, _: MigrationPair, _: &[MigrationCandidate]) -> Vec<RequestId> {
+    fn choose_migrations(
+        &mut self,
+        _: &Fleet,
+        _: MigrationPair,
+        _: &[MigrationCandidate],
+    ) -> Vec<RequestId> {
         Vec::new()
     }
     fn assign_priority(&mut self, _fleet: &Fleet, request: &RequestMeta) -> PriorityAssignment {
@@ -250,7 +276,10 @@ impl Policy for Infaas {
 }
 
 fn pass_through_priority(request: &RequestMeta) -> PriorityAssignment {
-    PriorityAssignment { priority: request.requested_priority, headroom_blocks: 0 }
+    PriorityAssignment {
+        priority: request.requested_priority,
+        headroom_blocks: 0,
+    }
 }
 
 /// Round-robin ("balanced"): the serving instance this policy has sent the
@@ -275,7 +304,9 @@ impl Policy for RoundRobin {
         info("round-robin")
     }
     fn dispatch(&mut self, fleet: &Fleet, _request: &RequestMeta) -> Option<InstanceId> {
-        let chosen = freest(fleet.serving(), |l| core::cmp::Reverse(self.count(l.instance)))?;
+        let chosen = freest(fleet.serving(), |l| {
+            core::cmp::Reverse(self.count(l.instance))
+        })?;
         match self.dispatched.binary_search_by_key(&chosen, |e| e.0) {
             Ok(i) => self.dispatched[i].1 += 1,
             Err(i) => self.dispatched.insert(i, (chosen, 1)),
@@ -285,7 +316,12 @@ impl Policy for RoundRobin {
     fn plan_migration(&mut self, _fleet: &Fleet) -> Vec<MigrationPair> {
         Vec::new()
     }
-    fn choose_migrations(&mut self, _: &Fleet, _: MigrationPair, _: &[MigrationCandidate]) -> Vec<RequestId> {
+    fn choose_migrations(
+        &mut self,
+        _: &Fleet,
+        _: MigrationPair,
+        _: &[MigrationCandidate],
+    ) -> Vec<RequestId> {
         Vec::new()
     }
     fn assign_priority(&mut self, _fleet: &Fleet, request: &RequestMeta) -> PriorityAssignment {
@@ -307,12 +343,19 @@ impl Policy for QueueLength {
         info("queue-length")
     }
     fn dispatch(&mut self, fleet: &Fleet, _request: &RequestMeta) -> Option<InstanceId> {
-        freest(fleet.serving(), |l| core::cmp::Reverse((l.waiting, l.running, l.used_blocks)))
+        freest(fleet.serving(), |l| {
+            core::cmp::Reverse((l.waiting, l.running, l.used_blocks))
+        })
     }
     fn plan_migration(&mut self, _fleet: &Fleet) -> Vec<MigrationPair> {
         Vec::new()
     }
-    fn choose_migrations(&mut self, _: &Fleet, _: MigrationPair, _: &[MigrationCandidate]) -> Vec<RequestId> {
+    fn choose_migrations(
+        &mut self,
+        _: &Fleet,
+        _: MigrationPair,
+        _: &[MigrationCandidate],
+    ) -> Vec<RequestId> {
         Vec::new()
     }
     fn assign_priority(&mut self, _fleet: &Fleet, request: &RequestMeta) -> PriorityAssignment {
@@ -353,7 +396,11 @@ mod tests {
         let f = fleet(&[hot, load(1, 50, 5, 0), load(2, 10, 5, 0)]);
         let mut p = Llumnix::default();
         let normal = RequestMeta::default();
-        let high = RequestMeta { priority: 1, requested_priority: 1, ..Default::default() };
+        let high = RequestMeta {
+            priority: 1,
+            requested_priority: 1,
+            ..Default::default()
+        };
         assert_eq!(p.dispatch(&f, &normal), Some(2));
         assert_eq!(p.dispatch(&f, &high), Some(0));
         let mut draining = load(2, 0, 0, 0);
@@ -368,12 +415,27 @@ mod tests {
         // freeness: 0 -> (99-95)/4 = 1; 1 -> (99-90)/3 = 3 (not below 3); 2 -> 89/1; 3 -> 49/5
         let mut preempted = load(4, 20, 2, 1);
         preempted.preempted = 1;
-        let f = fleet(&[load(0, 95, 4, 0), load(1, 90, 3, 0), load(2, 10, 1, 0), load(3, 50, 5, 0), preempted]);
+        let f = fleet(&[
+            load(0, 95, 4, 0),
+            load(1, 90, 3, 0),
+            load(2, 10, 1, 0),
+            load(3, 50, 5, 0),
+            preempted,
+        ]);
         let mut p = Llumnix::default();
         let pairs = p.plan_migration(&f);
         assert_eq!(
             pairs,
-            [MigrationPair { source: 0, destination: 2 }, MigrationPair { source: 4, destination: 3 }]
+            [
+                MigrationPair {
+                    source: 0,
+                    destination: 2
+                },
+                MigrationPair {
+                    source: 4,
+                    destination: 3
+                }
+            ]
         );
     }
 
@@ -382,7 +444,13 @@ mod tests {
         let mut blocked = load(0, 40, 2, 1);
         blocked.head_of_line_demand_blocks = 55;
         let f = fleet(&[blocked, load(1, 10, 1, 0)]);
-        assert_eq!(Llumnix::default().plan_migration(&f), [MigrationPair { source: 0, destination: 1 }]);
+        assert_eq!(
+            Llumnix::default().plan_migration(&f),
+            [MigrationPair {
+                source: 0,
+                destination: 1
+            }]
+        );
     }
 
     #[test]
@@ -394,9 +462,20 @@ mod tests {
             arrival_us,
             ..Default::default()
         };
-        let cands = [c(1, 0, 5, 10), c(2, 0, 3, 30), c(3, 1, 9, 40), c(4, 0, 0, 50)];
-        let pair = MigrationPair { source: 0, destination: 1 };
-        assert_eq!(Llumnix::default().choose_migrations(&Fleet::new(), pair, &cands), [2]);
+        let cands = [
+            c(1, 0, 5, 10),
+            c(2, 0, 3, 30),
+            c(3, 1, 9, 40),
+            c(4, 0, 0, 50),
+        ];
+        let pair = MigrationPair {
+            source: 0,
+            destination: 1,
+        };
+        assert_eq!(
+            Llumnix::default().choose_migrations(&Fleet::new(), pair, &cands),
+            [2]
+        );
     }
 
     #[test]
@@ -420,7 +499,9 @@ mod tests {
     fn round_robin_spreads_evenly() {
         let f = fleet(&[load(3, 0, 0, 0), load(7, 99, 9, 9), load(9, 0, 0, 0)]);
         let mut p = RoundRobin::default();
-        let picks: Vec<_> = (0..6).map(|_| p.dispatch(&f, &RequestMeta::default()).unwrap()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| p.dispatch(&f, &RequestMeta::default()).unwrap())
+            .collect();
         assert_eq!(picks, [3, 7, 9, 3, 7, 9]);
     }
 

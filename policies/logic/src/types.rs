@@ -33,7 +33,9 @@ impl InstanceLoad {
     /// Free blocks above the watermark (negative when the instance is
     /// already below it).
     pub fn available_blocks(&self) -> i64 {
-        i64::from(self.total_blocks) - i64::from(self.used_blocks) - i64::from(self.watermark_blocks)
+        i64::from(self.total_blocks)
+            - i64::from(self.used_blocks)
+            - i64::from(self.watermark_blocks)
     }
 
     /// Requests on the instance, running or waiting.

@@ -24,7 +24,10 @@ struct LowestLatency;
 
 impl fleet::Guest for LowestLatency {
     fn info() -> PolicyInfo {
-        PolicyInfo { name: "lowest-latency".into(), version: "0.1.0".into() }
+        PolicyInfo {
+            name: "lowest-latency".into(),
+            version: "0.1.0".into(),
+        }
     }
     fn reset(loads: Vec<InstanceLoad>) {
         FLEET.with(|f| *f.borrow_mut() = Vec::new());
@@ -55,7 +58,11 @@ impl dispatch::Guest for LowestLatency {
                 .map(|l| {
                     let recent = history::recent(l.instance, WINDOW);
                     let n = recent.len().max(1) as u64;
-                    let mean = recent.iter().map(|s| u64::from(s.step_latency_us)).sum::<u64>() / n;
+                    let mean = recent
+                        .iter()
+                        .map(|s| u64::from(s.step_latency_us))
+                        .sum::<u64>()
+                        / n;
                     (mean, l.instance)
                 })
                 .min()

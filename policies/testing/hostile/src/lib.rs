@@ -27,7 +27,10 @@ struct Hostile(Llumnix);
 
 impl Policy for Hostile {
     fn info(&self) -> PolicyInfo {
-        PolicyInfo { name: "hostile".into(), version: "0".into() }
+        PolicyInfo {
+            name: "hostile".into(),
+            version: "0".into(),
+        }
     }
 
     fn dispatch(&mut self, fleet: &Fleet, request: &RequestMeta) -> Option<InstanceId> {
@@ -52,19 +55,37 @@ impl Policy for Hostile {
     }
 
     fn plan_migration(&mut self, fleet: &Fleet) -> Vec<MigrationPair> {
-        if fleet.loads().iter().any(|l| l.step_latency_us == HUGE_LIST_STEP_LATENCY) {
-            return vec![MigrationPair { source: 0, destination: 1 }; 100_000];
+        if fleet
+            .loads()
+            .iter()
+            .any(|l| l.step_latency_us == HUGE_LIST_STEP_LATENCY)
+        {
+            return vec![
+                MigrationPair {
+                    source: 0,
+                    destination: 1
+                };
+                100_000
+            ];
         }
         self.0.plan_migration(fleet)
     }
 
-    fn choose_migrations(&mut self, fleet: &Fleet, pair: MigrationPair, candidates: &[MigrationCandidate]) -> Vec<RequestId> {
+    fn choose_migrations(
+        &mut self,
+        fleet: &Fleet,
+        pair: MigrationPair,
+        candidates: &[MigrationCandidate],
+    ) -> Vec<RequestId> {
         self.0.choose_migrations(fleet, pair, candidates)
     }
 
     fn assign_priority(&mut self, fleet: &Fleet, request: &RequestMeta) -> PriorityAssignment {
         if request.prefix_hash == ABSURD_HEADROOM {
-            return PriorityAssignment { priority: 1, headroom_blocks: u32::MAX };
+            return PriorityAssignment {
+                priority: 1,
+                headroom_blocks: u32::MAX,
+            };
         }
         self.0.assign_priority(fleet, request)
     }
