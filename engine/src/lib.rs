@@ -1,10 +1,19 @@
-//! llumen-engine: one inference instance of llumen.
+//! llumen-engine: one inference instance of llumen (what vLLM is to Llumnix).
 //!
-//! So far: the paged KV [`block_manager`]. The engine knows nothing of QUIC,
-//! Wasm or sled.
+//! - [`block_manager`]: the paged KV block pool and block tables.
+//! - [`request`]: a request's tokens, sampling parameters and life.
+//! - [`backend`]: the model backend interface one engine step goes through.
+//!
+//! The engine knows nothing of QUIC, Wasm or sled, does no I/O of its own
+//! and reads no clock: callers pass time in, so the simulator runs the same
+//! code as the server.
 
+pub mod backend;
 pub mod block_manager;
+pub mod request;
 
+pub use backend::{BackendError, ForwardBatch, ModelBackend, SequenceInput, StepOutput};
 pub use block_manager::{
     BlockError, BlockId, BlockManager, BlockUsage, ReservationId, SeqId, Slot, DEFAULT_BLOCK_SIZE,
 };
+pub use request::{FinishReason, Request, SamplingParams, TokenId};

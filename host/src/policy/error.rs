@@ -23,6 +23,10 @@ pub enum PolicyError {
     Compile(wasmtime::Error),
     #[error("the component does not fit the host (it may import something other than llumen:policy/history, such as WASI): {0:#}")]
     Link(wasmtime::Error),
+    #[error("not a llumen:policy component: it does not export llumen:policy/fleet@0.1.0: {0:#}")]
+    NotAPolicy(wasmtime::Error),
+    #[error("the component exports none of the dispatch, migration, priority or scaling interfaces of llumen:policy@0.1.0")]
+    NoKinds,
     #[error("the component does not implement the {kind} world of llumen:policy: {source:#}")]
     WrongWorld {
         kind: PolicyKind,
