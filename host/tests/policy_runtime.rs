@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use llumen_host::policy::{
     CallFailure, CompiledPolicy, Decision, DecisionSource, PolicyError, PolicyKind, PolicyRuntime,
-    RuntimeConfig,
+    RuntimeConfig, StoreHistory,
 };
 use llumen_policy_logic::{
     self as logic, Fleet, InstanceLoad, MigrationCandidate, MigrationPair, Policy, RequestMeta,
     ScalingDecision,
 };
+use llumen_store::Store;
 
 // ---------------------------------------------------------------- helpers
 
@@ -484,11 +485,23 @@ fn components_are_type_checked_against_the_slot_world() {
 }
 
 /// The history import: `dispatch-only` picks the lowest mean step latency
-/// over each instance's last four snapshots.
+/// over each instance's last four snapshots; with the in-memory history and
+/// with snapshots persisted in sled.
 #[test]
 fn history_import_serves_recorded_snapshots() {
-    let rt = runtime();
-    let policy = compiled(&rt, "dispatch-only");
+    let in_sled = Arc::new(StoreHistory::new(Arc::new(
+        Store::temporary().expect("temporary sled store"),
+    )));
+    for rt in [
+        runtime(),
+        PolicyRuntime::with_history(RuntimeConfig::default(), "llumnix", in_sled).unwrap(),
+    ] {
+        check_history_import(&rt);
+    }
+}
+
+fn check_history_import(rt: &PolicyRuntime) {
+    let policy = compiled(rt, "dispatch-only");
     rt.swap(PolicyKind::Dispatch, policy.clone()).unwrap();
     // Instance 0's latest step is the fastest, but its recent mean is the worst.
     let latencies: [(u32, [u32; 5]); 3] = [

@@ -43,7 +43,7 @@ use serde::Serialize;
 pub use bindings::{load_to_wit, request_to_wit, wit};
 pub use component::{componentize, CompiledPolicy, LiveInstance, PolicyEngine, PolicySha};
 pub use error::PolicyError;
-pub use history::{RecentHistory, SnapshotHistory};
+pub use history::{RecentHistory, SnapshotHistory, StoreHistory};
 
 /// The four kinds of scheduling decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
