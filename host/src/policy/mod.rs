@@ -328,6 +328,21 @@ struct Slot {
 }
 
 impl Slot {
+    /// Makes `policy` (served by `fresh`) the active version, with the native
+    /// builtin of the same name behind it; returns the version it replaces.
+    fn activate(
+        &mut self,
+        policy: Arc<CompiledPolicy>,
+        fresh: LiveInstance,
+    ) -> Option<Arc<CompiledPolicy>> {
+        self.fold_active_stats();
+        self.set_builtin(&policy.name);
+        self.live = Some(fresh);
+        self.fallback_live = None;
+        self.consecutive_failures = 0;
+        self.active.replace(policy)
+    }
+
     /// Moves the active version's counters into `stats`; call before the
     /// active version changes.
     fn fold_active_stats(&mut self) {
@@ -754,14 +769,9 @@ impl PolicyRuntime {
         self.trial(kind, &policy)?;
         let fresh = self.engine.instantiate(&policy, kind)?;
         let mut slot = lock(&self.slots[kind.index()]);
-        slot.fold_active_stats();
-        if let Some(old) = slot.active.replace(policy.clone()) {
+        if let Some(old) = slot.activate(policy.clone(), fresh) {
             slot.previous.push(old);
         }
-        slot.live = Some(fresh);
-        slot.fallback_live = None;
-        slot.set_builtin(&policy.name);
-        slot.consecutive_failures = 0;
         tracing::info!(%kind, policy = %policy.label, "policy swapped in");
         Ok(())
     }
@@ -775,13 +785,8 @@ impl PolicyRuntime {
             .cloned()
             .ok_or(PolicyError::NothingToRollBack(kind))?;
         let fresh = self.engine.instantiate(&previous, kind)?;
-        slot.fold_active_stats();
         slot.previous.pop();
-        slot.active = Some(previous.clone());
-        slot.live = Some(fresh);
-        slot.fallback_live = None;
-        slot.set_builtin(&previous.name);
-        slot.consecutive_failures = 0;
+        slot.activate(previous.clone(), fresh);
         tracing::info!(%kind, policy = %previous.label, "policy rolled back");
         Ok(VersionInfo::from(&*previous))
     }

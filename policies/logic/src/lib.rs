@@ -38,16 +38,29 @@ pub trait Policy: Send {
     /// (the fleet is empty or every instance is draining).
     fn dispatch(&mut self, fleet: &Fleet, request: &RequestMeta) -> Option<InstanceId>;
     /// Migration pairs for this period; each instance appears at most once.
-    fn plan_migration(&mut self, fleet: &Fleet) -> Vec<MigrationPair>;
-    /// Which of the source's candidates move for a planned pair.
+    /// Default: never migrate.
+    fn plan_migration(&mut self, _fleet: &Fleet) -> Vec<MigrationPair> {
+        Vec::new()
+    }
+    /// Which of the source's candidates move for a planned pair. Default: none.
     fn choose_migrations(
         &mut self,
-        fleet: &Fleet,
-        pair: MigrationPair,
-        candidates: &[MigrationCandidate],
-    ) -> Vec<RequestId>;
-    /// Scheduling priority and headroom of a new request.
-    fn assign_priority(&mut self, fleet: &Fleet, request: &RequestMeta) -> PriorityAssignment;
-    /// Grow, shrink or hold the fleet.
-    fn decide_scaling(&mut self, fleet: &Fleet) -> ScalingDecision;
+        _fleet: &Fleet,
+        _pair: MigrationPair,
+        _candidates: &[MigrationCandidate],
+    ) -> Vec<RequestId> {
+        Vec::new()
+    }
+    /// Scheduling priority and headroom of a new request. Default: the
+    /// priority the client asked for, no headroom.
+    fn assign_priority(&mut self, _fleet: &Fleet, request: &RequestMeta) -> PriorityAssignment {
+        PriorityAssignment {
+            priority: request.requested_priority,
+            headroom_blocks: 0,
+        }
+    }
+    /// Grow, shrink or hold the fleet. Default: hold.
+    fn decide_scaling(&mut self, _fleet: &Fleet) -> ScalingDecision {
+        ScalingDecision::Hold
+    }
 }

@@ -242,8 +242,8 @@ fn freeness_band_scaling(fleet: &Fleet, p: &LlumnixParams) -> ScalingDecision {
 }
 
 /// INFaaS++: dispatch to the freest instance by the same load metric as
-/// Llumnix (no priority pools), never migrate, no headroom; scales on the
-/// same freeness band.
+/// Llumnix (no priority pools), never migrate, no headroom (the trait's
+/// defaults); scales on the same freeness band.
 #[derive(Clone, Debug, Default)]
 pub struct Infaas {
     pub params: LlumnixParams,
@@ -256,29 +256,8 @@ impl Policy for Infaas {
     fn dispatch(&mut self, fleet: &Fleet, _request: &RequestMeta) -> Option<InstanceId> {
         freest(fleet.serving(), dispatch_freeness)
     }
-    fn plan_migration(&mut self, _fleet: &Fleet) -> Vec<MigrationPair> {
-        Vec::new()
-    }
-    fn choose_migrations(
-        &mut self,
-        _: &Fleet,
-        _: MigrationPair,
-        _: &[MigrationCandidate],
-    ) -> Vec<RequestId> {
-        Vec::new()
-    }
-    fn assign_priority(&mut self, _fleet: &Fleet, request: &RequestMeta) -> PriorityAssignment {
-        pass_through_priority(request)
-    }
     fn decide_scaling(&mut self, fleet: &Fleet) -> ScalingDecision {
         freeness_band_scaling(fleet, &self.params)
-    }
-}
-
-fn pass_through_priority(request: &RequestMeta) -> PriorityAssignment {
-    PriorityAssignment {
-        priority: request.requested_priority,
-        headroom_blocks: 0,
     }
 }
 
@@ -313,23 +292,6 @@ impl Policy for RoundRobin {
         }
         Some(chosen)
     }
-    fn plan_migration(&mut self, _fleet: &Fleet) -> Vec<MigrationPair> {
-        Vec::new()
-    }
-    fn choose_migrations(
-        &mut self,
-        _: &Fleet,
-        _: MigrationPair,
-        _: &[MigrationCandidate],
-    ) -> Vec<RequestId> {
-        Vec::new()
-    }
-    fn assign_priority(&mut self, _fleet: &Fleet, request: &RequestMeta) -> PriorityAssignment {
-        pass_through_priority(request)
-    }
-    fn decide_scaling(&mut self, _fleet: &Fleet) -> ScalingDecision {
-        ScalingDecision::Hold
-    }
 }
 
 /// Queue-length (least outstanding requests, as in vLLM's production stack):
@@ -346,23 +308,6 @@ impl Policy for QueueLength {
         freest(fleet.serving(), |l| {
             core::cmp::Reverse((l.waiting, l.running, l.used_blocks))
         })
-    }
-    fn plan_migration(&mut self, _fleet: &Fleet) -> Vec<MigrationPair> {
-        Vec::new()
-    }
-    fn choose_migrations(
-        &mut self,
-        _: &Fleet,
-        _: MigrationPair,
-        _: &[MigrationCandidate],
-    ) -> Vec<RequestId> {
-        Vec::new()
-    }
-    fn assign_priority(&mut self, _fleet: &Fleet, request: &RequestMeta) -> PriorityAssignment {
-        pass_through_priority(request)
-    }
-    fn decide_scaling(&mut self, _fleet: &Fleet) -> ScalingDecision {
-        ScalingDecision::Hold
     }
 }
 
