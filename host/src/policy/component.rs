@@ -384,7 +384,7 @@ fn guarded<R>(
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            call_deadline: Duration::from_millis(10),
+            call_deadline: Duration::from_millis(50),
             epoch_tick: Duration::from_millis(1),
             memory_limit_bytes: 32 << 20,
             history_max: 256,

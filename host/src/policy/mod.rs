@@ -102,6 +102,9 @@ impl FromStr for PolicyKind {
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
     /// Hard deadline of one call into a policy (epoch interruption traps).
+    /// Wall-clock: it also counts time the OS spends running other threads,
+    /// so it is set far above a decision's cost (µs) to keep a loaded host
+    /// from failing honest calls. Default 50 ms.
     pub call_deadline: Duration,
     /// Granularity of the deadline: how often the epoch advances.
     pub epoch_tick: Duration,
