@@ -3,6 +3,10 @@
 //! - [`block_manager`]: the paged KV block pool and block tables.
 //! - [`request`]: a request's tokens, sampling parameters and life.
 //! - [`backend`]: the model backend interface one engine step goes through.
+//! - [`scheduler`]: the local scheduler: continuous batching, preemption by
+//!   recompute, load snapshots and the migration hooks.
+//! - [`candle`]: the real transformer backend (candle-core, paged KV cache).
+//! - [`latency_model`]: latency profiles and the simulation backend timed by them.
 //!
 //! The engine knows nothing of QUIC, Wasm or sled, does no I/O of its own
 //! and reads no clock: callers pass time in, so the simulator runs the same
@@ -10,10 +14,18 @@
 
 pub mod backend;
 pub mod block_manager;
+pub mod candle;
+pub mod latency_model;
 pub mod request;
+pub mod scheduler;
 
 pub use backend::{BackendError, ForwardBatch, ModelBackend, SequenceInput, StepOutput};
 pub use block_manager::{
     BlockError, BlockId, BlockManager, BlockUsage, ReservationId, SeqId, Slot, DEFAULT_BLOCK_SIZE,
 };
+pub use latency_model::{LatencyModelBackend, LatencyProfile, ProfileError};
 pub use request::{FinishReason, Request, SamplingParams, TokenId};
+pub use scheduler::{
+    DetachedSequence, Scheduler, SchedulerConfig, SchedulerError, SchedulerStats, SeqEvent,
+    SequenceInfo, SequenceState, StepKind, StepPlan,
+};
