@@ -45,7 +45,11 @@ impl ForwardBatch {
     }
     /// Tokens of prefill (more than one token, or starting at 0).
     pub fn prefill_tokens(&self) -> usize {
-        self.sequences.iter().filter(|s| s.start_position == 0 || s.tokens.len() > 1).map(|s| s.tokens.len()).sum()
+        self.sequences
+            .iter()
+            .filter(|s| s.start_position == 0 || s.tokens.len() > 1)
+            .map(|s| s.tokens.len())
+            .sum()
     }
 }
 
@@ -75,6 +79,11 @@ impl std::error::Error for BackendError {}
 pub trait ModelBackend: Send {
     /// Human-readable description: which model, which weights, which device.
     fn describe(&self) -> String;
+    /// Size of the vocabulary, when the backend has one: token ids must be
+    /// below it (checked when a request is added, not mid-step).
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
     /// Runs one forward pass over `batch`, writing the KV of every input
     /// token into the slots its block table names, and samples one token per
     /// sequence.

@@ -5,6 +5,7 @@
 //! - [`backend`]: the model backend interface one engine step goes through.
 //! - [`scheduler`]: the local scheduler: continuous batching, preemption by
 //!   recompute, load snapshots and the migration hooks.
+//! - [`engine`]: one instance: the scheduler driving a backend, step by step.
 //! - [`candle`]: the real transformer backend (candle-core, paged KV cache).
 //! - [`latency_model`]: latency profiles and the simulation backend timed by them.
 //!
@@ -15,6 +16,7 @@
 pub mod backend;
 pub mod block_manager;
 pub mod candle;
+pub mod engine;
 pub mod latency_model;
 pub mod request;
 pub mod scheduler;
@@ -23,6 +25,7 @@ pub use backend::{BackendError, ForwardBatch, ModelBackend, SequenceInput, StepO
 pub use block_manager::{
     BlockError, BlockId, BlockManager, BlockUsage, ReservationId, SeqId, Slot, DEFAULT_BLOCK_SIZE,
 };
+pub use engine::{Engine, EngineError, StepReport};
 pub use latency_model::{LatencyModelBackend, LatencyProfile, ProfileError};
 pub use request::{FinishReason, Request, SamplingParams, TokenId};
 pub use scheduler::{

@@ -298,6 +298,9 @@ fn device_name(d: &Device) -> String {
 }
 
 impl ModelBackend for CandleBackend {
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.model.config.vocab)
+    }
     fn describe(&self) -> String {
         let c = &self.model.config;
         let mode = match self.model.kernel {
