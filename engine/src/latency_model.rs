@@ -272,10 +272,16 @@ pub struct ProfileData {
 #[derive(Debug)]
 pub enum ProfileError {
     /// The file could not be read.
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Not JSON, or not the shape of a profile (missing / unknown / mistyped
     /// field); the message carries serde's line and column.
-    Json { origin: String, source: serde_json::Error },
+    Json {
+        origin: String,
+        source: serde_json::Error,
+    },
     /// Another `format` tag or an unsupported `version`.
     Format { origin: String, message: String },
     /// Well-formed, but the figures break a rule (the message names the field).
@@ -286,13 +292,24 @@ impl fmt::Display for ProfileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProfileError::Io { path, source } => {
-                write!(f, "latency profile {}: cannot read: {source}", path.display())
+                write!(
+                    f,
+                    "latency profile {}: cannot read: {source}",
+                    path.display()
+                )
             }
             ProfileError::Json { origin, source } => {
-                write!(f, "latency profile {origin}: not a valid profile document: {source}")
+                write!(
+                    f,
+                    "latency profile {origin}: not a valid profile document: {source}"
+                )
             }
-            ProfileError::Format { origin, message } => write!(f, "latency profile {origin}: {message}"),
-            ProfileError::Invalid { origin, message } => write!(f, "latency profile {origin}: invalid: {message}"),
+            ProfileError::Format { origin, message } => {
+                write!(f, "latency profile {origin}: {message}")
+            }
+            ProfileError::Invalid { origin, message } => {
+                write!(f, "latency profile {origin}: invalid: {message}")
+            }
         }
     }
 }
@@ -344,21 +361,35 @@ impl LatencyProfile {
     /// Reads, parses and validates a profile file.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self, ProfileError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ProfileError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_json_str_at(&text, &path.display().to_string())
     }
 
     fn from_json_str_at(text: &str, origin: &str) -> Result<Self, ProfileError> {
-        let json_err = |source| ProfileError::Json { origin: origin.to_string(), source };
+        let json_err = |source| ProfileError::Json {
+            origin: origin.to_string(),
+            source,
+        };
         let header: Header = serde_json::from_str(text).map_err(json_err)?;
-        let format_err = |message: String| ProfileError::Format { origin: origin.to_string(), message };
+        let format_err = |message: String| ProfileError::Format {
+            origin: origin.to_string(),
+            message,
+        };
         match &header.format {
             Some(serde_json::Value::String(s)) if s == PROFILE_FORMAT => {}
             Some(other) => {
-                return Err(format_err(format!("`format` is {other}, expected \"{PROFILE_FORMAT}\"")));
+                return Err(format_err(format!(
+                    "`format` is {other}, expected \"{PROFILE_FORMAT}\""
+                )));
             }
-            None => return Err(format_err(format!("no `format` field (expected \"{PROFILE_FORMAT}\")"))),
+            None => {
+                return Err(format_err(format!(
+                    "no `format` field (expected \"{PROFILE_FORMAT}\")"
+                )))
+            }
         }
         match &header.version {
             Some(v) if v.as_u64() == Some(PROFILE_VERSION as u64) => {}
@@ -431,7 +462,10 @@ impl LatencyProfile {
 
     /// A one-line label: model, hardware, kind.
     pub fn label(&self) -> String {
-        format!("{} on {} ({} profile)", self.data.model, self.data.hardware, self.data.provenance.kind)
+        format!(
+            "{} on {} ({} profile)",
+            self.data.model, self.data.hardware, self.data.provenance.kind
+        )
     }
 
     /// The batch size a decode lookup uses: `batch` padded up to a multiple
@@ -457,14 +491,26 @@ impl LatencyProfile {
         }
         let key = self.padded_batch(batch) as f64;
         let ctx = context_tokens as f64;
-        eval_rows(&self.decode_rows, key, ctx, self.decode_seq_slope, self.decode_ctx_slope)
+        eval_rows(
+            &self.decode_rows,
+            key,
+            ctx,
+            self.decode_seq_slope,
+            self.decode_ctx_slope,
+        )
     }
 
     /// Duration of one engine step, in whole µs: `prefill_tokens` tokens of
     /// prefill plus a decode of `decode_batch` sequences with
     /// `decode_context_tokens` context tokens in all.
-    pub fn step_time_us(&self, prefill_tokens: usize, decode_batch: usize, decode_context_tokens: usize) -> u64 {
-        let ms = self.prefill_time_ms(prefill_tokens) + self.decode_time_ms(decode_batch, decode_context_tokens);
+    pub fn step_time_us(
+        &self,
+        prefill_tokens: usize,
+        decode_batch: usize,
+        decode_context_tokens: usize,
+    ) -> u64 {
+        let ms = self.prefill_time_ms(prefill_tokens)
+            + self.decode_time_ms(decode_batch, decode_context_tokens);
         ms_to_us(ms)
     }
 
@@ -472,7 +518,10 @@ impl LatencyProfile {
     /// in µs; `None` when the profile has no migration bandwidth.
     pub fn block_transfer_time_us(&self, blocks: usize) -> Option<u64> {
         let bw = self.data.migration_bandwidth_bytes_per_s?;
-        Some(migration_time_us((blocks as u64).saturating_mul(self.data.kv_bytes_per_block as u64), bw))
+        Some(migration_time_us(
+            (blocks as u64).saturating_mul(self.data.kv_bytes_per_block as u64),
+            bw,
+        ))
     }
 
     /// The stand-in profile for LLaMA-7B (fp16) on one NVIDIA A10, **derived
@@ -484,13 +533,20 @@ impl LatencyProfile {
     /// [`to_json_pretty`](Self::to_json_pretty).
     pub fn derived_llama7b_a10() -> LatencyProfile {
         let r = RooflineModel::LLAMA7B_A10;
-        let prefill_tokens: [u64; 18] =
-            [1, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 10240, 12000, 12800];
-        let contexts: [u64; 11] = [64, 128, 256, 512, 1024, 2048, 4096, 6144, 8192, 10240, 12672];
+        let prefill_tokens: [u64; 18] = [
+            1, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 10240,
+            12000, 12800,
+        ];
+        let contexts: [u64; 11] = [
+            64, 128, 256, 512, 1024, 2048, 4096, 6144, 8192, 10240, 12672,
+        ];
         let prefill = PrefillTable {
             points: prefill_tokens
                 .iter()
-                .map(|&t| PrefillPoint { tokens: t, ms: round_ms(r.prefill_ms(t as f64)) })
+                .map(|&t| PrefillPoint {
+                    tokens: t,
+                    ms: round_ms(r.prefill_ms(t as f64)),
+                })
                 .collect(),
             fit: None,
         };
@@ -566,8 +622,11 @@ impl LatencyProfile {
 
     /// The shipped `profiles/llama-7b-a10-derived.json`, parsed.
     pub fn shipped_llama7b_a10_derived() -> LatencyProfile {
-        LatencyProfile::from_json_str_at(LLAMA7B_A10_DERIVED_JSON, "profiles/llama-7b-a10-derived.json")
-            .expect("the shipped profile is valid")
+        LatencyProfile::from_json_str_at(
+            LLAMA7B_A10_DERIVED_JSON,
+            "profiles/llama-7b-a10-derived.json",
+        )
+        .expect("the shipped profile is valid")
     }
 }
 
@@ -620,12 +679,14 @@ impl RooflineModel {
     }
     /// Prefill of `tokens` tokens: read the weights, write their KV, compute.
     pub fn prefill_ms(&self, tokens: f64) -> f64 {
-        self.memory_ms(self.weight_bytes + self.kv_bytes_per_token as f64 * tokens) + self.compute_ms(tokens)
+        self.memory_ms(self.weight_bytes + self.kv_bytes_per_token as f64 * tokens)
+            + self.compute_ms(tokens)
     }
     /// Decode of `batch` sequences over `context` tokens: read the weights and
     /// the whole context's KV, compute one token per sequence.
     pub fn decode_ms(&self, batch: f64, context: f64) -> f64 {
-        self.memory_ms(self.weight_bytes + self.kv_bytes_per_token as f64 * context) + self.compute_ms(batch)
+        self.memory_ms(self.weight_bytes + self.kv_bytes_per_token as f64 * context)
+            + self.compute_ms(batch)
     }
 }
 
@@ -689,7 +750,13 @@ fn below_first_kink(x0: f64, y0: f64, slope: f64) -> Option<f64> {
     (x > 0.0 && x < x0).then_some(x)
 }
 
-fn eval_rows(rows: &[(f64, Vec<(f64, f64)>)], batch: f64, ctx: f64, seq_slope: f64, ctx_slope: f64) -> f64 {
+fn eval_rows(
+    rows: &[(f64, Vec<(f64, f64)>)],
+    batch: f64,
+    ctx: f64,
+    seq_slope: f64,
+    ctx_slope: f64,
+) -> f64 {
     let (b0, ref r0) = rows[0];
     if batch <= b0 {
         let v0 = eval_curve(r0, ctx, ctx_slope);
@@ -752,7 +819,9 @@ fn least_squares(xs: &[Vec<f64>], ys: &[f64]) -> Vec<f64> {
         if r == n {
             break;
         }
-        let p = (r..n).max_by(|&a, &b| m[a][c].abs().total_cmp(&m[b][c].abs())).unwrap();
+        let p = (r..n)
+            .max_by(|&a, &b| m[a][c].abs().total_cmp(&m[b][c].abs()))
+            .unwrap();
         if m[p][c].abs() <= eps {
             continue;
         }
@@ -773,14 +842,19 @@ fn least_squares(xs: &[Vec<f64>], ys: &[f64]) -> Vec<f64> {
         pivot_row[c] = Some(r);
         r += 1;
     }
-    (0..n).map(|c| pivot_row[c].map_or(0.0, |r| m[r][n] / scale[c])).collect()
+    (0..n)
+        .map(|c| pivot_row[c].map_or(0.0, |r| m[r][n] / scale[c]))
+        .collect()
 }
 
 fn fit_prefill(points: &[PrefillPoint]) -> PrefillFit {
     let xs: Vec<Vec<f64>> = points.iter().map(|p| vec![p.tokens as f64, 1.0]).collect();
     let ys: Vec<f64> = points.iter().map(|p| p.ms).collect();
     let beta = least_squares(&xs, &ys);
-    PrefillFit { a_ms_per_token: beta[0], b_ms: beta[1] }
+    PrefillFit {
+        a_ms_per_token: beta[0],
+        b_ms: beta[1],
+    }
 }
 
 fn fit_decode(rows: &[DecodeRow]) -> DecodeFit {
@@ -793,7 +867,11 @@ fn fit_decode(rows: &[DecodeRow]) -> DecodeFit {
         }
     }
     let beta = least_squares(&xs, &ys);
-    DecodeFit { a_ms_per_seq: beta[0], b_ms_per_context_token: beta[1], c_ms: beta[2] }
+    DecodeFit {
+        a_ms_per_seq: beta[0],
+        b_ms_per_context_token: beta[1],
+        c_ms: beta[2],
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -801,7 +879,10 @@ fn fit_decode(rows: &[DecodeRow]) -> DecodeFit {
 // ---------------------------------------------------------------------------
 
 fn validate(data: &ProfileData, origin: &str) -> Result<LatencyProfile, ProfileError> {
-    let bad = |message: String| ProfileError::Invalid { origin: origin.to_string(), message };
+    let bad = |message: String| ProfileError::Invalid {
+        origin: origin.to_string(),
+        message,
+    };
     if data.format != PROFILE_FORMAT {
         return Err(ProfileError::Format {
             origin: origin.to_string(),
@@ -811,10 +892,17 @@ fn validate(data: &ProfileData, origin: &str) -> Result<LatencyProfile, ProfileE
     if data.version != PROFILE_VERSION {
         return Err(ProfileError::Format {
             origin: origin.to_string(),
-            message: format!("unsupported `version` {}: this build reads version {PROFILE_VERSION}", data.version),
+            message: format!(
+                "unsupported `version` {}: this build reads version {PROFILE_VERSION}",
+                data.version
+            ),
         });
     }
-    for (name, v) in [("model", &data.model), ("hardware", &data.hardware), ("provenance.source", &data.provenance.source)] {
+    for (name, v) in [
+        ("model", &data.model),
+        ("hardware", &data.hardware),
+        ("provenance.source", &data.provenance.source),
+    ] {
         if v.trim().is_empty() {
             return Err(bad(format!("`{name}` is empty")));
         }
@@ -830,12 +918,20 @@ fn validate(data: &ProfileData, origin: &str) -> Result<LatencyProfile, ProfileE
         }
     }
     for (name, v) in [
-        ("migration_bandwidth_bytes_per_s", data.migration_bandwidth_bytes_per_s),
-        ("swap_bandwidth_bytes_per_s", data.swap_bandwidth_bytes_per_s),
+        (
+            "migration_bandwidth_bytes_per_s",
+            data.migration_bandwidth_bytes_per_s,
+        ),
+        (
+            "swap_bandwidth_bytes_per_s",
+            data.swap_bandwidth_bytes_per_s,
+        ),
     ] {
         if let Some(v) = v {
             if !(v.is_finite() && v > 0.0) {
-                return Err(bad(format!("`{name}` must be positive and finite, got {v}")));
+                return Err(bad(format!(
+                    "`{name}` must be positive and finite, got {v}"
+                )));
             }
         }
     }
@@ -843,17 +939,28 @@ fn validate(data: &ProfileData, origin: &str) -> Result<LatencyProfile, ProfileE
     // Prefill table.
     let pts = &data.prefill.points;
     if pts.is_empty() {
-        return Err(bad("`prefill.points` is empty: at least one (tokens, ms) point is needed".to_string()));
+        return Err(bad(
+            "`prefill.points` is empty: at least one (tokens, ms) point is needed".to_string(),
+        ));
     }
-    check_series(pts.iter().map(|p| (p.tokens, p.ms)), "prefill.points", "tokens", &bad)?;
+    check_series(
+        pts.iter().map(|p| (p.tokens, p.ms)),
+        "prefill.points",
+        "tokens",
+        &bad,
+    )?;
 
     // Decode table.
     let dec = &data.decode;
     if dec.batch_multiple == 0 {
-        return Err(bad("`decode.batch_multiple` must be positive (1 = no padding), got 0".to_string()));
+        return Err(bad(
+            "`decode.batch_multiple` must be positive (1 = no padding), got 0".to_string(),
+        ));
     }
     if dec.rows.is_empty() {
-        return Err(bad("`decode.rows` is empty: at least one batch row is needed".to_string()));
+        return Err(bad(
+            "`decode.rows` is empty: at least one batch row is needed".to_string(),
+        ));
     }
     for (i, row) in dec.rows.iter().enumerate() {
         let path = format!("decode.rows[{i}]");
@@ -868,16 +975,26 @@ fn validate(data: &ProfileData, origin: &str) -> Result<LatencyProfile, ProfileE
             )));
         }
         if row.points.is_empty() {
-            return Err(bad(format!("`{path}.points` is empty (batch {})", row.batch)));
+            return Err(bad(format!(
+                "`{path}.points` is empty (batch {})",
+                row.batch
+            )));
         }
-        check_series(row.points.iter().map(|p| (p.context_tokens, p.ms)), &format!("{path}.points"), "context_tokens", &bad)?;
+        check_series(
+            row.points.iter().map(|p| (p.context_tokens, p.ms)),
+            &format!("{path}.points"),
+            "context_tokens",
+            &bad,
+        )?;
     }
 
     // Fits.
     let prefill_fit = match data.prefill.fit {
         Some(f) => {
             if !(f.a_ms_per_token.is_finite() && f.b_ms.is_finite()) {
-                return Err(bad(format!("`prefill.fit` has a non-finite coefficient: {f:?}")));
+                return Err(bad(format!(
+                    "`prefill.fit` has a non-finite coefficient: {f:?}"
+                )));
             }
             f
         }
@@ -885,8 +1002,13 @@ fn validate(data: &ProfileData, origin: &str) -> Result<LatencyProfile, ProfileE
     };
     let decode_fit = match dec.fit {
         Some(f) => {
-            if !(f.a_ms_per_seq.is_finite() && f.b_ms_per_context_token.is_finite() && f.c_ms.is_finite()) {
-                return Err(bad(format!("`decode.fit` has a non-finite coefficient: {f:?}")));
+            if !(f.a_ms_per_seq.is_finite()
+                && f.b_ms_per_context_token.is_finite()
+                && f.c_ms.is_finite())
+            {
+                return Err(bad(format!(
+                    "`decode.fit` has a non-finite coefficient: {f:?}"
+                )));
             }
             f
         }
@@ -898,7 +1020,15 @@ fn validate(data: &ProfileData, origin: &str) -> Result<LatencyProfile, ProfileE
         decode_rows: dec
             .rows
             .iter()
-            .map(|r| (r.batch as f64, r.points.iter().map(|p| (p.context_tokens as f64, p.ms)).collect()))
+            .map(|r| {
+                (
+                    r.batch as f64,
+                    r.points
+                        .iter()
+                        .map(|p| (p.context_tokens as f64, p.ms))
+                        .collect(),
+                )
+            })
             .collect(),
         prefill_slope: prefill_fit.a_ms_per_token.max(0.0),
         decode_seq_slope: decode_fit.a_ms_per_seq.max(0.0),
@@ -947,7 +1077,9 @@ fn check_series(
             return Err(bad(format!("`{path}[{i}].{key}` must be positive, got 0")));
         }
         if !(ms.is_finite() && ms > 0.0) {
-            return Err(bad(format!("`{path}[{i}].ms` must be positive and finite, got {ms}")));
+            return Err(bad(format!(
+                "`{path}[{i}].ms` must be positive and finite, got {ms}"
+            )));
         }
         if let Some((pk, pms)) = prev {
             if k <= pk {
@@ -999,7 +1131,12 @@ impl LatencyModelBackend {
     pub fn new(profile: impl Into<Arc<LatencyProfile>>) -> Self {
         let profile = profile.into();
         let kv_bytes_per_block = profile.kv_bytes_per_block();
-        Self { profile, token_range: 3..32_000, kv_bytes_per_block, blocks: HashMap::new() }
+        Self {
+            profile,
+            token_range: 3..32_000,
+            kv_bytes_per_block,
+            blocks: HashMap::new(),
+        }
     }
 
     /// Placeholder tokens are drawn from `range` instead of `3..32000`.
@@ -1007,7 +1144,10 @@ impl LatencyModelBackend {
     /// # Panics
     /// If `range` is empty.
     pub fn with_token_range(mut self, range: Range<TokenId>) -> Self {
-        assert!(range.start < range.end, "placeholder token range {range:?} is empty");
+        assert!(
+            range.start < range.end,
+            "placeholder token range {range:?} is empty"
+        );
         self.token_range = range;
         self
     }
@@ -1034,7 +1174,8 @@ impl LatencyModelBackend {
     /// text: a reproducible function of its arguments only.
     pub fn placeholder_token(&self, seq: SeqId, position: usize) -> TokenId {
         let span = (self.token_range.end - self.token_range.start) as u64;
-        self.token_range.start + (mix3(0x746f_6b65_6e00_0000, seq, position as u64) % span) as TokenId
+        self.token_range.start
+            + (mix3(0x746f_6b65_6e00_0000, seq, position as u64) % span) as TokenId
     }
 
     fn header_len(&self) -> usize {
@@ -1043,11 +1184,18 @@ impl LatencyModelBackend {
 
     fn write_slot(&mut self, block: BlockId, slot: usize, digest: u64) {
         let bs = self.profile.block_size();
-        let content = self.blocks.entry(block).or_insert_with(|| BlockContent::Slots(vec![0; bs].into()));
+        let content = self
+            .blocks
+            .entry(block)
+            .or_insert_with(|| BlockContent::Slots(vec![0; bs].into()));
         if let BlockContent::Raw(raw) = content {
             // Foreign bytes partly overwritten: keep a digest of them per slot.
             let h = fnv1a(raw);
-            *content = BlockContent::Slots((0..bs).map(|i| mix3(h, i as u64, 0x7261_7700) | 1).collect());
+            *content = BlockContent::Slots(
+                (0..bs)
+                    .map(|i| mix3(h, i as u64, 0x7261_7700) | 1)
+                    .collect(),
+            );
         }
         if let BlockContent::Slots(slots) = content {
             slots[slot] = digest;
@@ -1062,7 +1210,11 @@ impl LatencyModelBackend {
         header.extend_from_slice(&BLOCK_MAGIC);
         for i in 0..bs {
             let v = slots.map_or(0, |s| s[i]);
-            let v = if v == 0 { mix3(0x6669_6c6c_6572_0000, block.0 as u64, i as u64) | 1 } else { v };
+            let v = if v == 0 {
+                mix3(0x6669_6c6c_6572_0000, block.0 as u64, i as u64) | 1
+            } else {
+                v
+            };
             header.extend_from_slice(&v.to_le_bytes());
         }
         let n = self.kv_bytes_per_block;
@@ -1137,12 +1289,21 @@ impl ModelBackend for LatencyModelBackend {
             }
             for (i, &t) in s.tokens.iter().enumerate() {
                 let pos = s.start_position + i;
-                self.write_slot(s.block_table[pos / bs], pos % bs, mix3(s.seq, pos as u64, t as u64) | 1);
+                self.write_slot(
+                    s.block_table[pos / bs],
+                    pos % bs,
+                    mix3(s.seq, pos as u64, t as u64) | 1,
+                );
             }
             next_tokens.push(self.placeholder_token(s.seq, s.start_position + s.tokens.len()));
         }
-        let duration_us = self.profile.step_time_us(prefill_tokens, decode_batch, decode_context);
-        Ok(StepOutput { next_tokens, duration_us })
+        let duration_us = self
+            .profile
+            .step_time_us(prefill_tokens, decode_batch, decode_context);
+        Ok(StepOutput {
+            next_tokens,
+            duration_us,
+        })
     }
 
     fn kv_bytes_per_block(&self) -> usize {
@@ -1196,9 +1357,10 @@ fn mix3(a: u64, b: u64, c: u64) -> u64 {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -1206,13 +1368,21 @@ mod tests {
     use crate::backend::SequenceInput;
     use proptest::prelude::*;
 
-    fn data_with(prefill: Vec<(u64, f64)>, batch_multiple: u64, rows: Vec<(u64, Vec<(u64, f64)>)>) -> ProfileData {
+    fn data_with(
+        prefill: Vec<(u64, f64)>,
+        batch_multiple: u64,
+        rows: Vec<(u64, Vec<(u64, f64)>)>,
+    ) -> ProfileData {
         ProfileData {
             format: PROFILE_FORMAT.into(),
             version: PROFILE_VERSION,
             model: "test-model".into(),
             hardware: "test-hw".into(),
-            provenance: Provenance { kind: ProfileKind::Measured, source: "unit test".into(), notes: vec![] },
+            provenance: Provenance {
+                kind: ProfileKind::Measured,
+                source: "unit test".into(),
+                notes: vec![],
+            },
             block_size: 4,
             num_blocks: 64,
             max_batched_tokens: 512,
@@ -1220,7 +1390,10 @@ mod tests {
             migration_bandwidth_bytes_per_s: Some(1e9),
             swap_bandwidth_bytes_per_s: None,
             prefill: PrefillTable {
-                points: prefill.into_iter().map(|(tokens, ms)| PrefillPoint { tokens, ms }).collect(),
+                points: prefill
+                    .into_iter()
+                    .map(|(tokens, ms)| PrefillPoint { tokens, ms })
+                    .collect(),
                 fit: None,
             },
             decode: DecodeTable {
@@ -1229,7 +1402,10 @@ mod tests {
                     .into_iter()
                     .map(|(batch, pts)| DecodeRow {
                         batch,
-                        points: pts.into_iter().map(|(context_tokens, ms)| DecodePoint { context_tokens, ms }).collect(),
+                        points: pts
+                            .into_iter()
+                            .map(|(context_tokens, ms)| DecodePoint { context_tokens, ms })
+                            .collect(),
                     })
                     .collect(),
                 fit: None,
@@ -1239,10 +1415,21 @@ mod tests {
 
     /// prefill = 0.2·t + 5; decode = 0.3·b + 0.001·c + 20 (exactly linear).
     fn linear_data() -> ProfileData {
-        let prefill = [16u64, 64, 256, 1024].iter().map(|&t| (t, 0.2 * t as f64 + 5.0)).collect();
+        let prefill = [16u64, 64, 256, 1024]
+            .iter()
+            .map(|&t| (t, 0.2 * t as f64 + 5.0))
+            .collect();
         let rows = [1u64, 4, 16]
             .iter()
-            .map(|&b| (b, [32u64, 128, 1024, 4096].iter().map(|&c| (c, 0.3 * b as f64 + 0.001 * c as f64 + 20.0)).collect()))
+            .map(|&b| {
+                (
+                    b,
+                    [32u64, 128, 1024, 4096]
+                        .iter()
+                        .map(|&c| (c, 0.3 * b as f64 + 0.001 * c as f64 + 20.0))
+                        .collect(),
+                )
+            })
             .collect();
         data_with(prefill, 1, rows)
     }
@@ -1252,14 +1439,19 @@ mod tests {
     }
 
     fn err_of(data: ProfileData) -> String {
-        LatencyProfile::from_data(data).expect_err("must be rejected").to_string()
+        LatencyProfile::from_data(data)
+            .expect_err("must be rejected")
+            .to_string()
     }
 
     #[test]
     fn fits_reproduce_linear_table_points() {
         let p = LatencyProfile::from_data(linear_data()).unwrap();
         let f = p.prefill_fit();
-        assert!(close(f.a_ms_per_token, 0.2, 1e-9) && close(f.b_ms, 5.0, 1e-7), "{f:?}");
+        assert!(
+            close(f.a_ms_per_token, 0.2, 1e-9) && close(f.b_ms, 5.0, 1e-7),
+            "{f:?}"
+        );
         let d = p.decode_fit();
         assert!(close(d.a_ms_per_seq, 0.3, 1e-9), "{d:?}");
         assert!(close(d.b_ms_per_context_token, 0.001, 1e-12), "{d:?}");
@@ -1270,16 +1462,29 @@ mod tests {
         }
         for row in &p.data().decode.rows {
             for pt in &row.points {
-                assert!(close(d.eval(row.batch as f64, pt.context_tokens as f64), pt.ms, 1e-7));
-                assert_eq!(p.decode_time_ms(row.batch as usize, pt.context_tokens as usize), pt.ms);
+                assert!(close(
+                    d.eval(row.batch as f64, pt.context_tokens as f64),
+                    pt.ms,
+                    1e-7
+                ));
+                assert_eq!(
+                    p.decode_time_ms(row.batch as usize, pt.context_tokens as usize),
+                    pt.ms
+                );
             }
         }
         // Off the table the lookup follows the (exact) fit.
         for t in [1usize, 7, 100, 5000, 20_000] {
-            assert!(close(p.prefill_time_ms(t), f.eval(t as f64), 1e-6), "prefill {t}");
+            assert!(
+                close(p.prefill_time_ms(t), f.eval(t as f64), 1e-6),
+                "prefill {t}"
+            );
         }
         for (b, c) in [(2usize, 40usize), (10, 2000), (32, 9000), (100, 10)] {
-            assert!(close(p.decode_time_ms(b, c), d.eval(b as f64, c as f64), 1e-6), "decode {b} {c}");
+            assert!(
+                close(p.decode_time_ms(b, c), d.eval(b as f64, c as f64), 1e-6),
+                "decode {b} {c}"
+            );
         }
     }
 
@@ -1288,24 +1493,49 @@ mod tests {
         let p = LatencyProfile::derived_llama7b_a10();
         let (f, d) = (p.prefill_fit(), p.decode_fit());
         for pt in &p.data().prefill.points {
-            assert!(close(f.eval(pt.tokens as f64), pt.ms, 2e-3), "{pt:?} vs {}", f.eval(pt.tokens as f64));
+            assert!(
+                close(f.eval(pt.tokens as f64), pt.ms, 2e-3),
+                "{pt:?} vs {}",
+                f.eval(pt.tokens as f64)
+            );
         }
         for row in &p.data().decode.rows {
             for pt in &row.points {
-                assert!(close(d.eval(row.batch as f64, pt.context_tokens as f64), pt.ms, 2e-3), "{row:?}");
+                assert!(
+                    close(
+                        d.eval(row.batch as f64, pt.context_tokens as f64),
+                        pt.ms,
+                        2e-3
+                    ),
+                    "{row:?}"
+                );
             }
         }
         // The fits recover the roofline's coefficients.
         let r = RooflineModel::LLAMA7B_A10;
         assert!(close(f.b_ms, r.prefill_ms(0.0), 2e-3), "{f:?}");
-        assert!(close(d.a_ms_per_seq, r.decode_ms(1.0, 0.0) - r.decode_ms(0.0, 0.0), 1e-4), "{d:?}");
+        assert!(
+            close(
+                d.a_ms_per_seq,
+                r.decode_ms(1.0, 0.0) - r.decode_ms(0.0, 0.0),
+                1e-4
+            ),
+            "{d:?}"
+        );
     }
 
     #[test]
     fn stored_fits_are_used_as_given() {
         let mut data = linear_data();
-        data.prefill.fit = Some(PrefillFit { a_ms_per_token: 1.0, b_ms: 0.0 });
-        data.decode.fit = Some(DecodeFit { a_ms_per_seq: 2.0, b_ms_per_context_token: 0.5, c_ms: 0.0 });
+        data.prefill.fit = Some(PrefillFit {
+            a_ms_per_token: 1.0,
+            b_ms: 0.0,
+        });
+        data.decode.fit = Some(DecodeFit {
+            a_ms_per_seq: 2.0,
+            b_ms_per_context_token: 0.5,
+            c_ms: 0.0,
+        });
         let p = LatencyProfile::from_data(data).unwrap();
         assert_eq!(p.prefill_fit().a_ms_per_token, 1.0);
         // Above the last point (1024 → 209.8 ms), extrapolation uses the stored slope.
@@ -1315,7 +1545,10 @@ mod tests {
         assert!(close(p.decode_time_ms(20, 4096), last + 8.0, 1e-9));
         // Stored fits are written back out.
         assert!(p.to_json_pretty().contains("a_ms_per_token"));
-        assert!(!LatencyProfile::from_data(linear_data()).unwrap().to_json_pretty().contains("a_ms_per_token"));
+        assert!(!LatencyProfile::from_data(linear_data())
+            .unwrap()
+            .to_json_pretty()
+            .contains("a_ms_per_token"));
     }
 
     #[test]
@@ -1324,7 +1557,10 @@ mod tests {
         let data = data_with(
             vec![(100, 10.0), (200, 30.0), (400, 40.0)],
             1,
-            vec![(8, vec![(100, 20.0), (300, 40.0)]), (16, vec![(100, 30.0), (300, 70.0)])],
+            vec![
+                (8, vec![(100, 20.0), (300, 40.0)]),
+                (16, vec![(100, 30.0), (300, 70.0)]),
+            ],
         );
         let p = LatencyProfile::from_data(data).unwrap();
         assert!(close(p.prefill_time_ms(150), 20.0, 1e-12));
@@ -1368,10 +1604,16 @@ mod tests {
         assert!(p.provenance().source.starts_with("NOT MEASURED"));
         for ctx in [1usize, 128, 512, 1024] {
             let ms = p.step_time_us(0, 1, ctx) as f64 / 1e3;
-            assert!((ms - 32.0).abs() <= 32.0 * 0.15, "batch-1 decode at {ctx} context: {ms} ms");
+            assert!(
+                (ms - 32.0).abs() <= 32.0 * 0.15,
+                "batch-1 decode at {ctx} context: {ms} ms"
+            );
         }
         // Geometry as in the Llumnix artifact.
-        assert_eq!((p.block_size(), p.num_blocks(), p.max_batched_tokens()), (16, 792, 12_000));
+        assert_eq!(
+            (p.block_size(), p.num_blocks(), p.max_batched_tokens()),
+            (16, 792, 12_000)
+        );
         assert_eq!(p.kv_capacity_tokens(), 12_672);
         assert_eq!(p.kv_bytes_per_block(), 16 * 512 * 1024);
         assert_eq!(p.data().decode.rows.last().unwrap().batch, 56);
@@ -1388,7 +1630,8 @@ mod tests {
     fn shipped_profile_equals_generator() {
         let generated = LatencyProfile::derived_llama7b_a10().to_json_pretty();
         if std::env::var_os("LLUMEN_REGENERATE_PROFILES").is_some() {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/llama-7b-a10-derived.json");
+            let path =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/llama-7b-a10-derived.json");
             std::fs::write(&path, &generated).unwrap();
             return;
         }
@@ -1399,10 +1642,14 @@ mod tests {
         );
         let shipped = LatencyProfile::shipped_llama7b_a10_derived();
         assert_eq!(shipped.data(), LatencyProfile::derived_llama7b_a10().data());
-        let from_file =
-            LatencyProfile::from_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/llama-7b-a10-derived.json"))
-                .unwrap();
-        assert_eq!(from_file.step_time_us(0, 1, 100), shipped.step_time_us(0, 1, 100));
+        let from_file = LatencyProfile::from_path(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/llama-7b-a10-derived.json"),
+        )
+        .unwrap();
+        assert_eq!(
+            from_file.step_time_us(0, 1, 100),
+            shipped.step_time_us(0, 1, 100)
+        );
     }
 
     #[test]
@@ -1413,7 +1660,12 @@ mod tests {
         // `float_roundtrip` feature makes it exact): compare times loosely.
         let (mut a, mut b) = (p.data().clone(), q.data().clone());
         let times = |d: &mut ProfileData| -> Vec<f64> {
-            let mut v: Vec<f64> = d.prefill.points.iter_mut().map(|p| std::mem::take(&mut p.ms)).collect();
+            let mut v: Vec<f64> = d
+                .prefill
+                .points
+                .iter_mut()
+                .map(|p| std::mem::take(&mut p.ms))
+                .collect();
             for r in &mut d.decode.rows {
                 v.extend(r.points.iter_mut().map(|p| std::mem::take(&mut p.ms)));
             }
@@ -1421,28 +1673,59 @@ mod tests {
         };
         let (ta, tb) = (times(&mut a), times(&mut b));
         assert_eq!(a, b);
-        assert!(ta.iter().zip(&tb).all(|(x, y)| (x - y).abs() <= 1e-12 * x.abs()), "{ta:?} {tb:?}");
+        assert!(
+            ta.iter()
+                .zip(&tb)
+                .all(|(x, y)| (x - y).abs() <= 1e-12 * x.abs()),
+            "{ta:?} {tb:?}"
+        );
     }
 
     #[test]
     fn bad_documents_give_clear_errors() {
-        let good = LatencyProfile::from_data(linear_data()).unwrap().to_json_pretty();
+        let good = LatencyProfile::from_data(linear_data())
+            .unwrap()
+            .to_json_pretty();
         let e = LatencyProfile::from_json_str("{ not json").unwrap_err();
-        assert!(matches!(e, ProfileError::Json { .. }) && e.to_string().contains("line 1"), "{e}");
-        let e = LatencyProfile::from_json_str(r#"{"format": "something-else", "version": 1}"#).unwrap_err();
-        assert!(matches!(e, ProfileError::Format { .. }) && e.to_string().contains("something-else"), "{e}");
+        assert!(
+            matches!(e, ProfileError::Json { .. }) && e.to_string().contains("line 1"),
+            "{e}"
+        );
+        let e = LatencyProfile::from_json_str(r#"{"format": "something-else", "version": 1}"#)
+            .unwrap_err();
+        assert!(
+            matches!(e, ProfileError::Format { .. }) && e.to_string().contains("something-else"),
+            "{e}"
+        );
         let e = LatencyProfile::from_json_str(r#"{"version": 1}"#).unwrap_err();
         assert!(e.to_string().contains("no `format` field"), "{e}");
-        let e = LatencyProfile::from_json_str(&good.replace("\"version\": 1", "\"version\": 2")).unwrap_err();
+        let e = LatencyProfile::from_json_str(&good.replace("\"version\": 1", "\"version\": 2"))
+            .unwrap_err();
         assert!(e.to_string().contains("unsupported `version` 2"), "{e}");
-        let e = LatencyProfile::from_json_str(&good.replace("\"num_blocks\"", "\"num_blockz\"")).unwrap_err();
-        assert!(matches!(e, ProfileError::Json { .. }) && e.to_string().contains("num_blockz"), "{e}");
-        let e = LatencyProfile::from_json_str(&good.replace("\"kind\": \"measured\"", "\"kind\": \"guessed\"")).unwrap_err();
+        let e = LatencyProfile::from_json_str(&good.replace("\"num_blocks\"", "\"num_blockz\""))
+            .unwrap_err();
+        assert!(
+            matches!(e, ProfileError::Json { .. }) && e.to_string().contains("num_blockz"),
+            "{e}"
+        );
+        let e = LatencyProfile::from_json_str(
+            &good.replace("\"kind\": \"measured\"", "\"kind\": \"guessed\""),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("guessed"), "{e}");
-        let e = LatencyProfile::from_json_str(&good.replace("\"ms\": 8.2", "\"ms\": -8.2")).unwrap_err();
-        assert!(e.to_string().contains("`prefill.points[0].ms` must be positive"), "{e}");
+        let e = LatencyProfile::from_json_str(&good.replace("\"ms\": 8.2", "\"ms\": -8.2"))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`prefill.points[0].ms` must be positive"),
+            "{e}"
+        );
         let e = LatencyProfile::from_path("/nonexistent/profile.json").unwrap_err();
-        assert!(matches!(e, ProfileError::Io { .. }) && e.to_string().contains("/nonexistent/profile.json"), "{e}");
+        assert!(
+            matches!(e, ProfileError::Io { .. })
+                && e.to_string().contains("/nonexistent/profile.json"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1454,12 +1737,20 @@ mod tests {
         let mut d = linear_data();
         d.prefill.points[2].tokens = 64;
         let e = err_of(d);
-        assert!(e.contains("`prefill.points[2].tokens` = 64 is not greater than the previous point's 64"), "{e}");
+        assert!(
+            e.contains(
+                "`prefill.points[2].tokens` = 64 is not greater than the previous point's 64"
+            ),
+            "{e}"
+        );
 
         let mut d = linear_data();
         d.prefill.points[3].ms = 1.0;
         let e = err_of(d);
-        assert!(e.contains("`prefill.points[3]`") && e.contains("must not decrease"), "{e}");
+        assert!(
+            e.contains("`prefill.points[3]`") && e.contains("must not decrease"),
+            "{e}"
+        );
 
         let mut d = linear_data();
         d.prefill.points[0].ms = f64::NAN;
@@ -1480,7 +1771,10 @@ mod tests {
         let mut d = linear_data();
         d.decode.rows[2].points[1].ms = 1.0;
         let e = err_of(d);
-        assert!(e.contains("`decode.rows[2].points[1]`") && e.contains("must not decrease"), "{e}");
+        assert!(
+            e.contains("`decode.rows[2].points[1]`") && e.contains("must not decrease"),
+            "{e}"
+        );
 
         // Each row within itself monotone, but batch 16 faster than batch 4.
         let mut d = linear_data();
@@ -1488,7 +1782,10 @@ mod tests {
             p.ms -= 5.0;
         }
         let e = err_of(d);
-        assert!(e.contains("not monotone in batch") && e.contains("batch 16"), "{e}");
+        assert!(
+            e.contains("not monotone in batch") && e.contains("batch 16"),
+            "{e}"
+        );
 
         let mut d = linear_data();
         d.decode.batch_multiple = 0;
@@ -1539,10 +1836,13 @@ mod tests {
                     })
                     .collect();
                 let mut c = 0;
-                let ctxs: Vec<u64> = cgaps.iter().map(|g| {
-                    c += g;
-                    c
-                }).collect();
+                let ctxs: Vec<u64> = cgaps
+                    .iter()
+                    .map(|g| {
+                        c += g;
+                        c
+                    })
+                    .collect();
                 // Row i = row i-1 + non-negative increments, each row non-decreasing.
                 let mut prev: Vec<f64> = vec![0.5; ctxs.len()];
                 let mut b = 0;
@@ -1564,7 +1864,8 @@ mod tests {
                         (b, ctxs.iter().copied().zip(cur).collect())
                     })
                     .collect();
-                LatencyProfile::from_data(data_with(prefill, mult, rows)).expect("generated tables are valid")
+                LatencyProfile::from_data(data_with(prefill, mult, rows))
+                    .expect("generated tables are valid")
             })
     }
 
@@ -1600,7 +1901,11 @@ mod tests {
     fn backend_step_timing_matches_profile() {
         let profile = Arc::new(LatencyProfile::derived_llama7b_a10());
         let mut be = LatencyModelBackend::new(profile.clone());
-        assert!(be.describe().contains("llama-7b-fp16") && be.describe().contains("derived"), "{}", be.describe());
+        assert!(
+            be.describe().contains("llama-7b-fp16") && be.describe().contains("derived"),
+            "{}",
+            be.describe()
+        );
         assert_eq!(be.kv_bytes_per_block(), 8 << 20);
         // Two prefills (100 and 20 tokens), a chunk continuing at 16 (counts as
         // prefill), and three decodes at positions 40, 7 and 300.
@@ -1619,15 +1924,29 @@ mod tests {
         assert_eq!(out.duration_us, profile.step_time_us(128, 3, 41 + 8 + 301));
         assert_eq!(out.next_tokens.len(), 6);
         let positions = [100, 20, 24, 41, 8, 301];
-        for (s, (&tok, &pos)) in batch.sequences.iter().zip(out.next_tokens.iter().zip(&positions)) {
+        for (s, (&tok, &pos)) in batch
+            .sequences
+            .iter()
+            .zip(out.next_tokens.iter().zip(&positions))
+        {
             assert_eq!(tok, be.placeholder_token(s.seq, pos));
             assert!((3..32_000).contains(&tok));
         }
         // A decode-only step of one sequence: the batch-1 decode time.
-        let out = be.step(&ForwardBatch { sequences: vec![seq(4, 41, vec![9], &[11, 12, 13])] }).unwrap();
+        let out = be
+            .step(&ForwardBatch {
+                sequences: vec![seq(4, 41, vec![9], &[11, 12, 13])],
+            })
+            .unwrap();
         assert_eq!(out.duration_us, profile.step_time_us(0, 1, 42));
         // Empty step: nothing to do, no time.
-        assert_eq!(be.step(&ForwardBatch::default()).unwrap(), StepOutput { next_tokens: vec![], duration_us: 0 });
+        assert_eq!(
+            be.step(&ForwardBatch::default()).unwrap(),
+            StepOutput {
+                next_tokens: vec![],
+                duration_us: 0
+            }
+        );
         // Tokens depend on (seq, position) only: another backend agrees.
         let other = LatencyModelBackend::new(LatencyProfile::from_data(linear_data()).unwrap());
         assert_eq!(other.placeholder_token(4, 42), be.placeholder_token(4, 42));
@@ -1640,9 +1959,17 @@ mod tests {
     fn backend_rejects_short_block_tables() {
         let mut be = LatencyModelBackend::new(LatencyProfile::from_data(linear_data()).unwrap());
         // block size 4: positions 0..9 need 3 blocks.
-        let e = be.step(&ForwardBatch { sequences: vec![seq(1, 0, (0..9).collect(), &[0, 1])] }).unwrap_err();
+        let e = be
+            .step(&ForwardBatch {
+                sequences: vec![seq(1, 0, (0..9).collect(), &[0, 1])],
+            })
+            .unwrap_err();
         assert!(e.to_string().contains("need 3"), "{e}");
-        let e = be.step(&ForwardBatch { sequences: vec![seq(1, 3, vec![], &[0])] }).unwrap_err();
+        let e = be
+            .step(&ForwardBatch {
+                sequences: vec![seq(1, 3, vec![], &[0])],
+            })
+            .unwrap_err();
         assert!(e.to_string().contains("no input tokens"), "{e}");
         // A failed step wrote nothing.
         assert!(be.blocks.is_empty());
@@ -1655,8 +1982,14 @@ mod tests {
         let mut src = LatencyModelBackend::new(profile.clone());
         let mut dst = LatencyModelBackend::new(profile.clone());
         // 10 tokens over blocks 3, 5, 9 (block size 4), then two decodes.
-        src.step(&ForwardBatch { sequences: vec![seq(7, 0, (100..110).collect(), &[3, 5, 9])] }).unwrap();
-        src.step(&ForwardBatch { sequences: vec![seq(7, 10, vec![1], &[3, 5, 9])] }).unwrap();
+        src.step(&ForwardBatch {
+            sequences: vec![seq(7, 0, (100..110).collect(), &[3, 5, 9])],
+        })
+        .unwrap();
+        src.step(&ForwardBatch {
+            sequences: vec![seq(7, 10, vec![1], &[3, 5, 9])],
+        })
+        .unwrap();
         let blocks = [BlockId(3), BlockId(5), BlockId(9)];
         let bytes = src.export_blocks(&blocks).unwrap();
         assert_eq!(bytes.len(), 3 * n);
@@ -1668,32 +2001,56 @@ mod tests {
         dst.import_blocks(&dst_blocks, &bytes).unwrap();
         assert_eq!(dst.export_blocks(&dst_blocks).unwrap(), bytes);
         // The destination decodes on: block 2 (source 9) changes, others do not.
-        dst.step(&ForwardBatch { sequences: vec![seq(7, 11, vec![2], &[0, 1, 2])] }).unwrap();
+        dst.step(&ForwardBatch {
+            sequences: vec![seq(7, 11, vec![2], &[0, 1, 2])],
+        })
+        .unwrap();
         let after = dst.export_blocks(&dst_blocks).unwrap();
         assert_eq!(after[..2 * n], bytes[..2 * n]);
         assert_ne!(after[2 * n..], bytes[2 * n..]);
         // The same decode on the source yields the same bytes (same KV content).
-        src.step(&ForwardBatch { sequences: vec![seq(7, 11, vec![2], &[3, 5, 9])] }).unwrap();
+        src.step(&ForwardBatch {
+            sequences: vec![seq(7, 11, vec![2], &[3, 5, 9])],
+        })
+        .unwrap();
         assert_eq!(src.export_blocks(&blocks).unwrap(), after);
 
         // Never-written blocks: deterministic filler, round-trips too.
         let fresh = LatencyModelBackend::new(profile.clone());
         let filler = fresh.export_blocks(&[BlockId(40), BlockId(41)]).unwrap();
-        assert_eq!(filler, LatencyModelBackend::new(profile.clone()).export_blocks(&[BlockId(40), BlockId(41)]).unwrap());
+        assert_eq!(
+            filler,
+            LatencyModelBackend::new(profile.clone())
+                .export_blocks(&[BlockId(40), BlockId(41)])
+                .unwrap()
+        );
         assert_ne!(filler[..n], filler[n..]);
-        dst.import_blocks(&[BlockId(60), BlockId(61)], &filler).unwrap();
-        assert_eq!(dst.export_blocks(&[BlockId(60), BlockId(61)]).unwrap(), filler);
+        dst.import_blocks(&[BlockId(60), BlockId(61)], &filler)
+            .unwrap();
+        assert_eq!(
+            dst.export_blocks(&[BlockId(60), BlockId(61)]).unwrap(),
+            filler
+        );
 
         // Foreign bytes are kept verbatim.
         let foreign: Vec<u8> = (0..2 * n).map(|i| (i * 7 % 251) as u8).collect();
-        dst.import_blocks(&[BlockId(20), BlockId(21)], &foreign).unwrap();
-        assert_eq!(dst.export_blocks(&[BlockId(20), BlockId(21)]).unwrap(), foreign);
+        dst.import_blocks(&[BlockId(20), BlockId(21)], &foreign)
+            .unwrap();
+        assert_eq!(
+            dst.export_blocks(&[BlockId(20), BlockId(21)]).unwrap(),
+            foreign
+        );
         // ... until written to.
-        dst.step(&ForwardBatch { sequences: vec![seq(8, 0, vec![1, 2], &[20])] }).unwrap();
+        dst.step(&ForwardBatch {
+            sequences: vec![seq(8, 0, vec![1, 2], &[20])],
+        })
+        .unwrap();
         assert_ne!(dst.export_blocks(&[BlockId(20)]).unwrap(), foreign[..n]);
 
         // Wrong length is an error, and changes nothing.
-        let e = dst.import_blocks(&[BlockId(0)], &bytes[..n - 1]).unwrap_err();
+        let e = dst
+            .import_blocks(&[BlockId(0)], &bytes[..n - 1])
+            .unwrap_err();
         assert!(e.to_string().contains(&format!("needs {n} bytes")), "{e}");
         assert_eq!(dst.export_blocks(&[BlockId(0)]).unwrap(), bytes[..n]);
     }
@@ -1704,10 +2061,14 @@ mod tests {
         let profile = Arc::new(LatencyProfile::derived_llama7b_a10());
         let mut src = LatencyModelBackend::new(profile.clone());
         let mut dst = LatencyModelBackend::new(profile.clone());
-        src.step(&ForwardBatch { sequences: vec![seq(1, 0, (0..20).collect(), &[4, 2])] }).unwrap();
+        src.step(&ForwardBatch {
+            sequences: vec![seq(1, 0, (0..20).collect(), &[4, 2])],
+        })
+        .unwrap();
         let bytes = src.export_blocks(&[BlockId(4), BlockId(2)]).unwrap();
         assert_eq!(bytes.len(), 2 * (8 << 20));
-        dst.import_blocks(&[BlockId(0), BlockId(1)], &bytes).unwrap();
+        dst.import_blocks(&[BlockId(0), BlockId(1)], &bytes)
+            .unwrap();
         assert!(matches!(dst.blocks[&BlockId(0)], BlockContent::Slots(_)));
         assert_eq!(dst.export_blocks(&[BlockId(0), BlockId(1)]).unwrap(), bytes);
 
@@ -1715,7 +2076,10 @@ mod tests {
         let mut a = LatencyModelBackend::new(profile.clone()).with_kv_bytes_per_block(64);
         let mut b = LatencyModelBackend::new(profile).with_kv_bytes_per_block(64);
         assert_eq!(a.kv_bytes_per_block(), 64);
-        a.step(&ForwardBatch { sequences: vec![seq(1, 0, (0..20).collect(), &[4, 2])] }).unwrap();
+        a.step(&ForwardBatch {
+            sequences: vec![seq(1, 0, (0..20).collect(), &[4, 2])],
+        })
+        .unwrap();
         let bytes = a.export_blocks(&[BlockId(4), BlockId(2)]).unwrap();
         assert_eq!(bytes.len(), 128);
         b.import_blocks(&[BlockId(9), BlockId(8)], &bytes).unwrap();

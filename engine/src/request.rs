@@ -26,7 +26,13 @@ pub struct SamplingParams {
 impl SamplingParams {
     /// Greedy decoding of up to `max_tokens` tokens, no stop tokens.
     pub fn greedy(max_tokens: u32) -> Self {
-        Self { temperature: 0.0, top_p: 1.0, seed: 0, max_tokens, stop_token_ids: Vec::new() }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            max_tokens,
+            stop_token_ids: Vec::new(),
+        }
     }
 }
 
