@@ -1,13 +1,15 @@
 //! `llumen-bench`: llumen's benchmarks.
 //!
 //! Today: `policy-overhead` (the cost of a Wasm policy decision against the
-//! same logic compiled natively). The simulator (`sim`), the live driver
+//! same logic compiled natively) and `engine` (decode/prefill throughput of
+//! one instance; measured latency profiles). The simulator (`sim`), the live driver
 //! (`live`) and the other micro benchmarks join it here.
 //!
 //! Contract (see DESIGN.md): with `--json`, stdout is one JSON document with
 //! snake_case fields carrying their unit (`p50_ns`); human output goes to
 //! stderr.
 
+mod engine_bench;
 mod policy_overhead;
 
 use anyhow::Result;
@@ -24,10 +26,13 @@ struct Cli {
 enum Command {
     /// Wasm vs native cost of policy decisions at several fleet sizes.
     PolicyOverhead(policy_overhead::Args),
+    /// Decode and prefill throughput of one engine instance; writes a measured latency profile.
+    Engine(engine_bench::Args),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::PolicyOverhead(args) => policy_overhead::run(&args),
+        Command::Engine(args) => engine_bench::run(&args),
     }
 }
