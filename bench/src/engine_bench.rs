@@ -53,6 +53,13 @@ struct DecodeResult {
     batch: usize,
     step_ms: f64,
     tokens_per_s: f64,
+    /// Weights (f32) plus the KV the batch attends to: what one decode
+    /// step must read from memory at least.
+    bytes_read_per_step: u64,
+    /// bytes_read_per_step / step time.
+    effective_gb_per_s: f64,
+    /// effective_gb_per_s / the measured memory bandwidth.
+    fraction_of_memory_bandwidth: f64,
 }
 
 #[derive(Serialize)]
@@ -69,6 +76,9 @@ struct ModelResult {
 struct Report {
     benchmark: &'static str,
     threads: usize,
+    /// Read bandwidth of this machine: summing a 512 MiB buffer on every
+    /// core (best of 3), like `mbw`'s read test.
+    memory_bandwidth_gb_per_s: f64,
     results: Vec<ModelResult>,
     profile_written: Option<PathBuf>,
 }
@@ -177,21 +187,52 @@ fn time_prefill(model: &str, sequences: usize, tokens: usize) -> Result<f64> {
     Ok(ms)
 }
 
-fn measure(model: &str, args: &Args) -> Result<ModelResult> {
+/// Read bandwidth: every core sums its share of a 512 MiB buffer; best of 3.
+fn memory_bandwidth_gb_per_s() -> f64 {
+    let words = (512usize << 20) / 8;
+    let buffer: Vec<u64> = (0..words as u64).collect();
+    let threads = rayon_threads();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let total: u64 = std::thread::scope(|scope| {
+            let handles: Vec<_> = buffer
+                .chunks(words.div_ceil(threads))
+                .map(|chunk| scope.spawn(move || chunk.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("summing thread")).fold(0, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    (words * 8) as f64 / best / 1e9
+}
+
+fn measure(model: &str, args: &Args, bandwidth_gb_per_s: f64) -> Result<ModelResult> {
     let mut decode = Vec::new();
     let mut backend_label = String::new();
     for &batch in &args.batches {
         let mut engine = decoding_engine(model, batch, args.context_tokens, args.decode_steps)?;
         backend_label = engine.backend().describe();
         let step_ms = time_decode(&mut engine, args.decode_steps)?;
+        let config = engine.backend().config();
+        // Mid-run context: the prompt plus half the timed steps.
+        let context = args.context_tokens + args.decode_steps / 2;
+        let bytes = (config.num_params() * 4 + batch * context * config.kv_bytes_per_token()) as u64;
+        let effective = bytes as f64 / (step_ms / 1e3) / 1e9;
         decode.push(DecodeResult {
             batch,
             step_ms,
             tokens_per_s: batch as f64 / (step_ms / 1e3),
+            bytes_read_per_step: bytes,
+            effective_gb_per_s: effective,
+            fraction_of_memory_bandwidth: effective / bandwidth_gb_per_s,
         });
         eprintln!(
-            "{model}: decode batch {batch}: {step_ms:.2} ms/step, {:.0} tok/s",
-            batch as f64 / (step_ms / 1e3)
+            "{model}: decode batch {batch}: {step_ms:.2} ms/step, {:.0} tok/s, reads >= {:.0} MB/step = {effective:.1} GB/s ({:.0}% of {bandwidth_gb_per_s:.1} GB/s)",
+            batch as f64 / (step_ms / 1e3),
+            bytes as f64 / 1e6,
+            100.0 * effective / bandwidth_gb_per_s
         );
     }
     let prefill_ms = time_prefill(model, 4, args.prefill_tokens)?;
@@ -315,9 +356,11 @@ fn rayon_threads() -> usize {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    let bandwidth = memory_bandwidth_gb_per_s();
+    eprintln!("memory read bandwidth: {bandwidth:.1} GB/s ({} threads)", rayon_threads());
     let mut results = Vec::new();
     for model in &args.models {
-        results.push(measure(model, args)?);
+        results.push(measure(model, args, bandwidth)?);
     }
     if let (Some(path), Some(model)) = (&args.write_profile, args.models.first()) {
         write_profile(model, path)?;
@@ -325,6 +368,7 @@ pub fn run(args: &Args) -> Result<()> {
     let report = Report {
         benchmark: "engine",
         threads: rayon_threads(),
+        memory_bandwidth_gb_per_s: bandwidth,
         results,
         profile_written: args.write_profile.clone(),
     };

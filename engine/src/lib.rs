@@ -8,18 +8,23 @@
 //! - [`engine`]: one instance: the scheduler driving a backend, step by step.
 //! - [`candle`]: the real transformer backend (candle-core, paged KV cache).
 //! - [`latency_model`]: latency profiles and the simulation backend timed by them.
+//! - [`tokenizer`]: byte-level BPE from GGUF metadata, streaming decode, ChatML.
+//! - [`models`]: where model files live (SmolLM2's GGUF); [`candle::gguf`] loads them.
 //!
 //! The engine knows nothing of QUIC, Wasm or sled, does no I/O of its own
 //! and reads no clock: callers pass time in, so the simulator runs the same
-//! code as the server.
+//! code as the server. (Model loading — [`candle::gguf`],
+//! [`Tokenizer::from_gguf`] — reads files, at startup only.)
 
 pub mod backend;
 pub mod block_manager;
 pub mod candle;
 pub mod engine;
 pub mod latency_model;
+pub mod models;
 pub mod request;
 pub mod scheduler;
+pub mod tokenizer;
 
 pub use backend::{BackendError, ForwardBatch, ModelBackend, SequenceInput, StepOutput};
 pub use block_manager::{
@@ -32,3 +37,4 @@ pub use scheduler::{
     DetachedSequence, Scheduler, SchedulerConfig, SchedulerError, SchedulerStats, SeqEvent,
     SequenceInfo, SequenceState, StepKind, StepPlan,
 };
+pub use tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerError};

@@ -31,6 +31,7 @@
 
 pub mod config;
 pub mod forward;
+pub mod gguf;
 pub mod kernel;
 pub mod sampler;
 pub mod weights;
@@ -44,6 +45,7 @@ use std::time::Instant;
 pub use candle_core::{Device, Tensor};
 pub use config::LlamaConfig;
 pub use forward::{LinearKernel, DEFAULT_CHUNK_ROWS};
+pub use gguf::{load_gguf, GgufError, GgufFile, GgufModel};
 pub use weights::{LayerWeights, LlamaWeights, WeightSource};
 
 use crate::{BackendError, BlockId, ForwardBatch, ModelBackend, StepOutput, TokenId};
