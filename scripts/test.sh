@@ -7,6 +7,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 scripts/build-policies.sh
+# The real model (98 MB through pip): its tests run only when it is present.
+scripts/fetch-smollm2.sh >/dev/null
 # The shared policy logic belongs to the guest workspace; test it natively there.
 cargo test --locked --manifest-path policies/logic/Cargo.toml
 cargo test --locked --workspace

@@ -9,16 +9,20 @@
 //! not depend on the values).
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use llumen_engine::candle::{CandleBackend, LlamaConfig};
+use llumen_engine::candle::gguf::load_gguf;
+use llumen_engine::candle::{CandleBackend, LlamaConfig, LlamaWeights};
 use llumen_engine::latency_model::{
     DecodePoint, DecodeRow, DecodeTable, LatencyProfile, PrefillPoint, PrefillTable, ProfileData,
     ProfileKind, Provenance, PROFILE_FORMAT, PROFILE_VERSION,
 };
-use llumen_engine::{Engine, ModelBackend, Request, SamplingParams, SchedulerConfig, TokenId};
+use llumen_engine::{
+    models, Engine, ModelBackend, Request, SamplingParams, SchedulerConfig, TokenId,
+};
 use serde::Serialize;
 
 const BLOCK: usize = 16;
@@ -83,11 +87,36 @@ struct Report {
     profile_written: Option<PathBuf>,
 }
 
+/// SmolLM2's real weights, loaded once, when the GGUF file is installed.
+fn smollm2_weights() -> Option<&'static (LlamaConfig, LlamaWeights)> {
+    static WEIGHTS: OnceLock<Option<(LlamaConfig, LlamaWeights)>> = OnceLock::new();
+    WEIGHTS
+        .get_or_init(|| {
+            let path = models::smollm2_path()?;
+            match load_gguf(&path, &Device::Cpu) {
+                Ok(model) => Some((model.config, model.weights)),
+                Err(e) => {
+                    eprintln!(
+                        "{}: {e}; using random weights of SmolLM2's shape",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
 /// What `model` names, for reports.
 fn model_label(model: &str) -> Result<&'static str> {
     match model {
         "tiny" => Ok("tiny (random weights)"),
-        "smollm2" => Ok("smollm2-135m shape (random weights)"),
+        "smollm2" if smollm2_weights().is_some() => {
+            Ok("smollm2-135m-instruct (GGUF, dequantized to f32)")
+        }
+        "smollm2" => Ok(
+            "smollm2-135m shape (random weights: scripts/fetch-smollm2.sh installs the real ones)",
+        ),
         other => bail!("unknown model {other:?} (expected tiny or smollm2)"),
     }
 }
@@ -96,7 +125,18 @@ fn model_label(model: &str) -> Result<&'static str> {
 fn backend(model: &str, num_blocks: usize) -> Result<CandleBackend> {
     let config = match model {
         "tiny" => LlamaConfig::test_tiny(),
-        "smollm2" => LlamaConfig::smollm2_135m(),
+        "smollm2" => {
+            if let Some((config, weights)) = smollm2_weights() {
+                return Ok(CandleBackend::new(
+                    config.clone(),
+                    weights.clone(),
+                    num_blocks,
+                    BLOCK,
+                    Device::Cpu,
+                )?);
+            }
+            LlamaConfig::smollm2_135m()
+        }
         other => bail!("unknown model {other:?} (expected tiny or smollm2)"),
     };
     Ok(CandleBackend::random(
@@ -198,9 +238,14 @@ fn memory_bandwidth_gb_per_s() -> f64 {
         let total: u64 = std::thread::scope(|scope| {
             let handles: Vec<_> = buffer
                 .chunks(words.div_ceil(threads))
-                .map(|chunk| scope.spawn(move || chunk.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .map(|chunk| {
+                    scope.spawn(move || chunk.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("summing thread")).fold(0, u64::wrapping_add)
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("summing thread"))
+                .fold(0, u64::wrapping_add)
         });
         std::hint::black_box(total);
         best = best.min(started.elapsed().as_secs_f64());
@@ -218,7 +263,8 @@ fn measure(model: &str, args: &Args, bandwidth_gb_per_s: f64) -> Result<ModelRes
         let config = engine.backend().config();
         // Mid-run context: the prompt plus half the timed steps.
         let context = args.context_tokens + args.decode_steps / 2;
-        let bytes = (config.num_params() * 4 + batch * context * config.kv_bytes_per_token()) as u64;
+        let bytes =
+            (config.num_params() * 4 + batch * context * config.kv_bytes_per_token()) as u64;
         let effective = bytes as f64 / (step_ms / 1e3) / 1e9;
         decode.push(DecodeResult {
             batch,
@@ -357,7 +403,10 @@ fn rayon_threads() -> usize {
 
 pub fn run(args: &Args) -> Result<()> {
     let bandwidth = memory_bandwidth_gb_per_s();
-    eprintln!("memory read bandwidth: {bandwidth:.1} GB/s ({} threads)", rayon_threads());
+    eprintln!(
+        "memory read bandwidth: {bandwidth:.1} GB/s ({} threads)",
+        rayon_threads()
+    );
     let mut results = Vec::new();
     for model in &args.models {
         results.push(measure(model, args, bandwidth)?);
