@@ -345,7 +345,7 @@ fn write_profile(model: &str, path: &PathBuf) -> Result<()> {
         format: PROFILE_FORMAT.into(),
         version: PROFILE_VERSION,
         model: model_label(model)?.into(),
-        hardware: format!("this machine's CPU, {} threads", rayon_threads()),
+        hardware: format!("{}, {} threads", cpu_model(), rayon_threads()),
         provenance: Provenance {
             kind: ProfileKind::Measured,
             source: "llumen-bench engine --write-profile (candle backend, batch-invariant kernels)"
@@ -393,6 +393,19 @@ fn row_at(points: &[DecodePoint], context: f64) -> f64 {
     let (a, b) = (points[seg], points[seg + 1]);
     let slope = (b.ms - a.ms) / (b.context_tokens as f64 - a.context_tokens as f64);
     a.ms + slope * (context - a.context_tokens as f64)
+}
+
+/// The CPU's model name, from /proc/cpuinfo where there is one.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn rayon_threads() -> usize {
