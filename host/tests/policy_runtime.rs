@@ -44,7 +44,10 @@ fn component_bytes(name: &str) -> Vec<u8> {
 /// loaded by parallel builds and tests: these tests are about answers, not
 /// time (the hostile ones set their own deadline).
 fn runtime() -> PolicyRuntime {
-    let config = RuntimeConfig { call_deadline: Duration::from_secs(5), ..RuntimeConfig::default() };
+    let config = RuntimeConfig {
+        call_deadline: Duration::from_secs(5),
+        ..RuntimeConfig::default()
+    };
     PolicyRuntime::new(config, "llumnix").expect("runtime")
 }
 

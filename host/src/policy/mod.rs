@@ -650,13 +650,12 @@ impl PolicyRuntime {
             match result {
                 Ok(value) => {
                     slot.consecutive_failures = 0;
-                    let source = DecisionSource::Active {
-                        name: active.name.clone(),
-                        sha256: active.sha256.clone(),
-                    };
                     return Decision {
                         value,
-                        source,
+                        source: DecisionSource::Active {
+                            name: active.name.clone(),
+                            sha256: active.sha256.clone(),
+                        },
                         failure: None,
                     };
                 }
@@ -679,13 +678,12 @@ impl PolicyRuntime {
                         if demote {
                             self.demote(slot);
                         }
-                        let source = DecisionSource::LastGood {
-                            name: previous.name.clone(),
-                            sha256: previous.sha256.clone(),
-                        };
                         return Decision {
                             value,
-                            source,
+                            source: DecisionSource::LastGood {
+                                name: previous.name.clone(),
+                                sha256: previous.sha256.clone(),
+                            },
                             failure,
                         };
                     }
