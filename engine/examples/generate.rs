@@ -24,13 +24,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut max_tokens, mut temperature, mut seed, mut prompt) = (128u32, 0f32, 0u64, None);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--max-tokens" => max_tokens = args.next().ok_or("--max-tokens needs a value")?.parse()?,
-            "--temperature" => temperature = args.next().ok_or("--temperature needs a value")?.parse()?,
+            "--max-tokens" => {
+                max_tokens = args.next().ok_or("--max-tokens needs a value")?.parse()?
+            }
+            "--temperature" => {
+                temperature = args.next().ok_or("--temperature needs a value")?.parse()?
+            }
             "--seed" => seed = args.next().ok_or("--seed needs a value")?.parse()?,
             _ => prompt = Some(arg),
         }
     }
-    let prompt = prompt.ok_or("usage: generate [--max-tokens N] [--temperature T] [--seed S] PROMPT")?;
+    let prompt =
+        prompt.ok_or("usage: generate [--max-tokens N] [--temperature T] [--seed S] PROMPT")?;
     let path = models::smollm2_path().ok_or(
         "SmolLM2-135M-Instruct is not installed: run scripts/fetch-smollm2.sh (or set LLUMEN_SMOLLM2_GGUF)",
     )?;
@@ -40,14 +45,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tokenizer = model.tokenizer;
     let block_size = 16;
     let num_blocks = 256;
-    let backend = CandleBackend::new(model.config, model.weights, num_blocks, block_size, Device::Cpu)?;
-    eprintln!("loaded {} in {:.2} s", path.display(), started.elapsed().as_secs_f64());
+    let backend = CandleBackend::new(
+        model.config,
+        model.weights,
+        num_blocks,
+        block_size,
+        Device::Cpu,
+    )?;
+    eprintln!(
+        "loaded {} in {:.2} s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
 
     let tokens = tokenizer.encode_chat(&[ChatMessage::user(prompt)])?;
-    let mut sampling = SamplingParams { temperature, seed, ..SamplingParams::greedy(max_tokens) };
+    let mut sampling = SamplingParams {
+        temperature,
+        seed,
+        ..SamplingParams::greedy(max_tokens)
+    };
     sampling.stop_token_ids.extend(tokenizer.eos_id());
-    let mut engine = Engine::new(SchedulerConfig::with_blocks(num_blocks, block_size), backend)?;
-    engine.add(Request { id: 1, prompt: tokens, sampling, priority: 0, headroom_blocks: 0, arrival_us: 0 }, 0)?;
+    let mut engine = Engine::new(
+        SchedulerConfig::with_blocks(num_blocks, block_size),
+        backend,
+    )?;
+    engine.add(
+        Request {
+            id: 1,
+            prompt: tokens,
+            sampling,
+            priority: 0,
+            headroom_blocks: 0,
+            arrival_us: 0,
+        },
+        0,
+    )?;
 
     let mut decoder = tokenizer.stream_decoder(true);
     let mut stdout = std::io::stdout();
@@ -65,6 +97,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     writeln!(stdout, "{}", decoder.finish())?;
-    eprintln!("{generated} tokens in {:.2} s", decode_started.elapsed().as_secs_f64());
+    eprintln!(
+        "{generated} tokens in {:.2} s",
+        decode_started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -12,8 +12,8 @@
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate};
 
 use crate::{
-    BackendError, DetachedSequence, ModelBackend, Request, Scheduler, SchedulerConfig,
-    SchedulerError, SeqEvent, SeqId, StepKind, TokenId,
+    BackendError, DetachedSequence, ModelBackend, Request, ReservationId, Scheduler,
+    SchedulerConfig, SchedulerError, SeqEvent, SeqId, StepKind, TokenId,
 };
 
 /// What one [`Engine::step`] did.
@@ -172,6 +172,73 @@ impl<B: ModelBackend> Engine<B> {
         self.scheduler.migration_candidates()
     }
 
+    /// The KV of blocks `range` of a sequence's block table, read while it
+    /// keeps decoding (a migration's copy stages: blocks already full never
+    /// change again).
+    pub fn export_kv(
+        &self,
+        seq: SeqId,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<u8>, EngineError> {
+        let table = self.scheduler.block_table(seq)?;
+        let blocks = table.get(range.clone()).ok_or_else(|| {
+            EngineError::Kv(BackendError(format!(
+                "blocks {range:?} of sequence {seq}: it holds {} blocks",
+                table.len()
+            )))
+        })?;
+        self.backend.export_blocks(blocks).map_err(EngineError::Kv)
+    }
+
+    /// Reserves `blocks` KV blocks for an incoming migration (refused below
+    /// the watermark).
+    pub fn reserve_for_migration(&mut self, blocks: usize) -> Result<ReservationId, EngineError> {
+        Ok(self.scheduler.reserve_blocks(blocks)?)
+    }
+
+    /// Writes KV exported elsewhere into blocks `first ..` of a reservation
+    /// (in token order): one copy stage of an incoming migration.
+    pub fn import_kv(
+        &mut self,
+        reservation: ReservationId,
+        first: usize,
+        kv: &[u8],
+    ) -> Result<(), EngineError> {
+        let per_block = self.backend.kv_bytes_per_block();
+        let count = if per_block == 0 {
+            0
+        } else {
+            kv.len() / per_block
+        };
+        let blocks = self.scheduler.reservation_blocks(reservation)?;
+        let target = blocks.get(first..first + count).ok_or_else(|| {
+            EngineError::Kv(BackendError(format!(
+                "{count} blocks at {first} do not fit a reservation of {}",
+                blocks.len()
+            )))
+        })?;
+        let target = target.to_vec();
+        self.backend
+            .import_blocks(&target, kv)
+            .map_err(EngineError::Kv)
+    }
+
+    /// Commits an incoming migration: the detached sequence, whose KV is
+    /// imported in `reservation`, joins the running batch.
+    pub fn commit_migration(
+        &mut self,
+        detached: &DetachedSequence,
+        reservation: ReservationId,
+        now_us: u64,
+    ) -> Result<(), EngineError> {
+        Ok(self.scheduler.attach(detached, reservation, now_us)?)
+    }
+
+    /// Gives back a reservation (an aborted incoming migration).
+    pub fn release_reservation(&mut self, reservation: ReservationId) -> Result<(), EngineError> {
+        Ok(self.scheduler.release_reservation(reservation)?)
+    }
+
     /// Takes a running sequence out (between steps) with the KV of all its
     /// blocks: what a migration's final stage carries. On a KV failure the
     /// sequence is put back (to be recomputed): nothing is lost.
@@ -199,22 +266,13 @@ impl<B: ModelBackend> Engine<B> {
         kv: &[u8],
         now_us: u64,
     ) -> Result<(), EngineError> {
-        let blocks = detached.block_table.len();
-        let reservation = self.scheduler.reserve_blocks(blocks)?;
+        let reservation = self.reserve_for_migration(detached.block_table.len())?;
         let result = self
-            .scheduler
-            .reservation_blocks(reservation)
-            .map(<[_]>::to_vec)
-            .map_err(EngineError::from)
-            .and_then(|table| {
-                self.backend
-                    .import_blocks(&table, kv)
-                    .map_err(EngineError::Kv)
-            })
-            .and_then(|()| Ok(self.scheduler.attach(detached, reservation, now_us)?));
+            .import_kv(reservation, 0, kv)
+            .and_then(|()| self.commit_migration(detached, reservation, now_us));
         if result.is_err() {
-            // Best effort: the reservation exists (reserve succeeded above).
-            let _ = self.scheduler.release_reservation(reservation);
+            // The reservation exists (reserve succeeded above); give it back.
+            let _ = self.release_reservation(reservation);
         }
         result
     }

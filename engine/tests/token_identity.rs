@@ -204,6 +204,61 @@ fn same_tokens_after_migrating_to_another_engine_mid_decode() {
     assert_eq!(dst_out.finished[&TARGET].0, FinishReason::Length);
 }
 
+/// The staged protocol at engine level: full blocks are copied while the
+/// request keeps decoding at the source; only the rest moves after it stops.
+#[test]
+fn same_tokens_after_a_staged_copy_while_decoding() {
+    let alone = decode_alone();
+    let mut source = engine(64);
+    let mut destination = engine(64);
+    source.add(request(TARGET, 37, 40, 0), 0).unwrap();
+    destination.add(request(50, 33, 20, 0), 0).unwrap();
+    let (mut src_out, mut dst_out) = (Outputs::default(), Outputs::default());
+    let mut now = 0;
+    let mut step = |source: &mut Engine<CandleBackend>, src_out: &mut Outputs, now: &mut u64| {
+        src_out.absorb(source.step(*now).unwrap().events);
+        *now += 1_000;
+    };
+    while src_out.tokens.get(&TARGET).map_or(0, Vec::len) < 5 {
+        step(&mut source, &mut src_out, &mut now);
+    }
+    // Stage 1: the blocks full so far (37 + 4 tokens have KV: 2 full blocks).
+    let reservation = destination.reserve_for_migration(4).unwrap();
+    let stage1 = source.export_kv(TARGET, 0..2).unwrap();
+    destination.import_kv(reservation, 0, &stage1).unwrap();
+    // The request keeps decoding meanwhile.
+    for _ in 0..6 {
+        step(&mut source, &mut src_out, &mut now);
+    }
+    // Last stage: stop it, copy the rest, commit at the destination.
+    let decoded_at_source = src_out.tokens[&TARGET].len();
+    let detached = source.scheduler_mut().detach(TARGET).unwrap();
+    let rest = source
+        .backend()
+        .export_blocks(&detached.block_table[2..])
+        .unwrap();
+    destination.import_kv(reservation, 2, &rest).unwrap();
+    destination
+        .commit_migration(&detached, reservation, now)
+        .unwrap();
+    dst_out
+        .tokens
+        .insert(TARGET, src_out.tokens[&TARGET].clone());
+    drive(&mut destination, &mut dst_out, |_, _| {});
+    assert!(decoded_at_source >= 11);
+    assert_eq!(dst_out.tokens[&TARGET], alone);
+    assert!(source
+        .scheduler()
+        .block_manager()
+        .check_invariants()
+        .is_ok());
+    assert!(destination
+        .scheduler()
+        .block_manager()
+        .check_invariants()
+        .is_ok());
+}
+
 #[test]
 fn bad_requests_are_refused_at_the_door() {
     let mut e = engine(8);
