@@ -205,11 +205,7 @@ impl<B: ModelBackend> Engine<B> {
         kv: &[u8],
     ) -> Result<(), EngineError> {
         let per_block = self.backend.kv_bytes_per_block();
-        let count = if per_block == 0 {
-            0
-        } else {
-            kv.len() / per_block
-        };
+        let count = kv.len().checked_div(per_block).unwrap_or(0);
         let blocks = self.scheduler.reservation_blocks(reservation)?;
         let target = blocks.get(first..first + count).ok_or_else(|| {
             EngineError::Kv(BackendError(format!(

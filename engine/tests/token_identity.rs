@@ -215,7 +215,7 @@ fn same_tokens_after_a_staged_copy_while_decoding() {
     destination.add(request(50, 33, 20, 0), 0).unwrap();
     let (mut src_out, mut dst_out) = (Outputs::default(), Outputs::default());
     let mut now = 0;
-    let mut step = |source: &mut Engine<CandleBackend>, src_out: &mut Outputs, now: &mut u64| {
+    let step = |source: &mut Engine<CandleBackend>, src_out: &mut Outputs, now: &mut u64| {
         src_out.absorb(source.step(*now).unwrap().events);
         *now += 1_000;
     };
