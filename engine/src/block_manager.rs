@@ -281,6 +281,23 @@ impl BlockManager {
         Ok(id)
     }
 
+    /// Adds `n` more blocks at the end of a reservation (admission: checks
+    /// the watermark): an incoming migration whose sequence grew while its
+    /// KV was being copied. On error the reservation is unchanged.
+    pub fn grow_reservation(&mut self, r: ReservationId, n: usize) -> Result<(), BlockError> {
+        if !self.reservations.contains_key(&r) {
+            return Err(BlockError::UnknownReservation(r));
+        }
+        self.admit(n)?;
+        let more = self.take(n);
+        self.reserved += n;
+        self.reservations
+            .get_mut(&r)
+            .expect("checked above")
+            .extend(more);
+        Ok(())
+    }
+
     /// The blocks of a reservation, so the KV import can write into them before commit.
     pub fn reservation_blocks(&self, r: ReservationId) -> Result<&[BlockId], BlockError> {
         self.reservations
@@ -449,6 +466,30 @@ mod tests {
 
     fn ids(v: &[u32]) -> Vec<BlockId> {
         v.iter().copied().map(BlockId).collect()
+    }
+
+    #[test]
+    fn grow_reservation_appends_and_respects_watermark() {
+        let mut m = BlockManager::new(10, 4, 2);
+        let r = m.reserve(3).unwrap();
+        m.grow_reservation(r, 2).unwrap();
+        assert_eq!(m.reservation_blocks(r).unwrap(), ids(&[0, 1, 2, 3, 4]));
+        assert_eq!(m.reserved_blocks(), 5);
+        assert_eq!(
+            m.grow_reservation(r, 4),
+            Err(BlockError::OutOfBlocks {
+                needed: 4,
+                available: 3
+            })
+        );
+        assert_eq!(
+            m.grow_reservation(ReservationId(9), 1),
+            Err(BlockError::UnknownReservation(ReservationId(9)))
+        );
+        m.check_invariants().unwrap();
+        m.release(r).unwrap();
+        assert_eq!((m.free_blocks(), m.reserved_blocks()), (10, 0));
+        m.check_invariants().unwrap();
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`scheduler`]: the local scheduler: continuous batching, preemption by
 //!   recompute, load snapshots and the migration hooks.
 //! - [`engine`]: one instance: the scheduler driving a backend, step by step.
+//! - [`migration`]: the live-migration protocol (source and destination state
+//!   machines, wire messages).
 //! - [`candle`]: the real transformer backend (candle-core, paged KV cache).
 //! - [`latency_model`]: latency profiles and the simulation backend timed by them.
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata, streaming decode, ChatML.
@@ -21,6 +23,7 @@ pub mod block_manager;
 pub mod candle;
 pub mod engine;
 pub mod latency_model;
+pub mod migration;
 pub mod models;
 pub mod request;
 pub mod scheduler;
@@ -32,6 +35,12 @@ pub use block_manager::{
 };
 pub use engine::{Engine, EngineError, StepReport};
 pub use latency_model::{LatencyModelBackend, LatencyProfile, ProfileError};
+pub use migration::{
+    AbortReason, DecodeError, DestinationEvent, DestinationMigration, DestinationStats,
+    Message as MigrationMessage, MigratedSequence, MigrationConfig, MigrationError, MigrationId,
+    MigrationOutcome, MigrationResult, RefuseReason, ReleaseReason, SourceMigration, SourceState,
+    StageRecord,
+};
 pub use request::{FinishReason, Request, SamplingParams, TokenId};
 pub use scheduler::{
     DetachedSequence, Scheduler, SchedulerConfig, SchedulerError, SchedulerStats, SeqEvent,

@@ -1143,6 +1143,12 @@ impl Scheduler {
         Ok(self.blocks.reserve(n)?)
     }
 
+    /// Adds `n` blocks to a reservation (respects the watermark): the
+    /// migrating sequence grew while its KV was being copied.
+    pub fn grow_reservation(&mut self, r: ReservationId, n: usize) -> Result<(), SchedulerError> {
+        Ok(self.blocks.grow_reservation(r, n)?)
+    }
+
     /// Gives a reservation's blocks back (migration aborted or timed out).
     pub fn release_reservation(&mut self, r: ReservationId) -> Result<(), SchedulerError> {
         Ok(self.blocks.release(r)?)
