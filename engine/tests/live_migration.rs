@@ -5,58 +5,24 @@
 //! schedulers consistent, every block back in the free pool and no
 //! migration left counted.
 
+mod common;
+
 use std::collections::{BTreeMap, VecDeque};
 
-use candle_core::Device;
-use llumen_engine::candle::{CandleBackend, LlamaConfig};
+use common::{engine, normal_request as request, BLOCK};
+
+use llumen_engine::candle::CandleBackend;
 use llumen_engine::migration::Message;
 use llumen_engine::{
     AbortReason, DestinationEvent, DestinationMigration, Engine, FinishReason, MigrationConfig,
-    MigrationResult, ModelBackend, RefuseReason, ReleaseReason, Request, SamplingParams,
-    SchedulerConfig, SeqEvent, SeqId, SourceMigration, SourceState, TokenId,
+    MigrationResult, ModelBackend, RefuseReason, ReleaseReason, SeqEvent, SeqId, SourceMigration,
+    SourceState, TokenId,
 };
 
-const BLOCK: usize = 16;
-const WEIGHT_SEED: u64 = 7;
 const TARGET: SeqId = 1;
 const MIGRATION: u64 = 77;
 /// Virtual duration of one engine step.
 const STEP_US: u64 = 1_000;
-
-fn engine(num_blocks: usize) -> Engine<CandleBackend> {
-    let backend = CandleBackend::random(
-        LlamaConfig::test_tiny(),
-        WEIGHT_SEED,
-        num_blocks,
-        BLOCK,
-        Device::Cpu,
-    )
-    .expect("tiny random model");
-    Engine::new(SchedulerConfig::with_blocks(num_blocks, BLOCK), backend).expect("engine")
-}
-
-fn prompt(seed: u64, len: usize) -> Vec<TokenId> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 4000) as TokenId + 10
-        })
-        .collect()
-}
-
-fn request(id: SeqId, prompt_len: usize, max_tokens: u32) -> Request {
-    Request {
-        id,
-        prompt: prompt(id, prompt_len),
-        sampling: SamplingParams::greedy(max_tokens),
-        priority: 0,
-        headroom_blocks: 0,
-        arrival_us: id,
-    }
-}
 
 /// Greedy output of a request decoded alone on a fresh engine.
 fn alone(prompt_len: usize, max_tokens: u32) -> Vec<TokenId> {

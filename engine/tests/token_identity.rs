@@ -4,53 +4,21 @@
 //! recompute, and after moving (KV and all) to a second engine mid-decode
 //! must produce the same tokens.
 
+mod common;
+
 use std::collections::BTreeMap;
 
-use candle_core::Device;
-use llumen_engine::candle::{CandleBackend, LlamaConfig};
-use llumen_engine::{
-    Engine, FinishReason, ModelBackend, Request, SamplingParams, SchedulerConfig, SeqEvent, SeqId,
-    TokenId,
-};
+use common::{engine, normal_request, BLOCK};
 
-const BLOCK: usize = 16;
-const WEIGHT_SEED: u64 = 7;
+use llumen_engine::candle::CandleBackend;
+use llumen_engine::{Engine, FinishReason, ModelBackend, Request, SeqEvent, SeqId, TokenId};
+
 const TARGET: SeqId = 1;
-
-fn engine(num_blocks: usize) -> Engine<CandleBackend> {
-    let backend = CandleBackend::random(
-        LlamaConfig::test_tiny(),
-        WEIGHT_SEED,
-        num_blocks,
-        BLOCK,
-        Device::Cpu,
-    )
-    .expect("tiny random model");
-    Engine::new(SchedulerConfig::with_blocks(num_blocks, BLOCK), backend).expect("engine")
-}
-
-/// A prompt of `len` tokens drawn from a seeded sequence (ids < 4096, the
-/// tiny model's vocabulary).
-fn prompt(seed: u64, len: usize) -> Vec<TokenId> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 4000) as TokenId + 10
-        })
-        .collect()
-}
 
 fn request(id: SeqId, prompt_len: usize, max_tokens: u32, priority: u8) -> Request {
     Request {
-        id,
-        prompt: prompt(id, prompt_len),
-        sampling: SamplingParams::greedy(max_tokens),
         priority,
-        headroom_blocks: 0,
-        arrival_us: id,
+        ..normal_request(id, prompt_len, max_tokens)
     }
 }
 
