@@ -11,7 +11,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 LLUMEN_PROFILE=release scripts/build-policies.sh
-cargo build --locked --release -p llumen-bench -p llumen-engine --example generate
+cargo build --locked --release -p llumen-bench -p llumen-engine --bins --example generate
 ./target/release/llumen policy inspect target/policies/*.wasm
 ./target/release/llumen-bench policy-overhead "$@"
 scripts/fetch-smollm2.sh >/dev/null
