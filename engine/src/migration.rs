@@ -403,6 +403,22 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// A reason's wire code: its 1-based place in `all` (0 is never a reason).
+fn reason_code<T: PartialEq + Copy>(all: &[T], reason: T) -> u8 {
+    all.iter()
+        .position(|r| *r == reason)
+        .expect("every reason is listed") as u8
+        + 1
+}
+
+/// The reason with wire code `c` in `all`, or a decode error.
+fn reason_from_code<T: Copy>(all: &[T], c: u8) -> Result<T, DecodeError> {
+    (c as usize)
+        .checked_sub(1)
+        .and_then(|i| all.get(i).copied())
+        .ok_or(DecodeError::UnknownReason(c))
+}
+
 impl RefuseReason {
     const ALL: [RefuseReason; 11] = [
         RefuseReason::NoSlot,
@@ -418,13 +434,10 @@ impl RefuseReason {
         RefuseReason::CommitFailed,
     ];
     fn code(self) -> u8 {
-        Self::ALL.iter().position(|r| *r == self).expect("listed") as u8 + 1
+        reason_code(&Self::ALL, self)
     }
     fn from_code(c: u8) -> Result<Self, DecodeError> {
-        (c as usize)
-            .checked_sub(1)
-            .and_then(|i| Self::ALL.get(i).copied())
-            .ok_or(DecodeError::UnknownReason(c))
+        reason_from_code(&Self::ALL, c)
     }
 }
 
@@ -438,13 +451,10 @@ impl AbortReason {
         AbortReason::SourceError,
     ];
     fn code(self) -> u8 {
-        Self::ALL.iter().position(|r| *r == self).expect("listed") as u8 + 1
+        reason_code(&Self::ALL, self)
     }
     fn from_code(c: u8) -> Result<Self, DecodeError> {
-        (c as usize)
-            .checked_sub(1)
-            .and_then(|i| Self::ALL.get(i).copied())
-            .ok_or(DecodeError::UnknownReason(c))
+        reason_from_code(&Self::ALL, c)
     }
 }
 
