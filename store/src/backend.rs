@@ -21,16 +21,30 @@ pub enum Tree {
     Policies,
     /// Per-kind active version and history.
     Active,
+    /// Request journal: key = request ++ seq (see `journal`).
+    Journal,
+    /// Benchmark results: key = name ++ 0x00 ++ timestamp (see
+    /// `bench_results`).
+    BenchResults,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 3] = [Tree::Snapshots, Tree::Policies, Tree::Active];
+    /// Every tree, in declaration order (`Tree::ALL[t as usize] == t`).
+    pub const ALL: [Tree; 5] = [
+        Tree::Snapshots,
+        Tree::Policies,
+        Tree::Active,
+        Tree::Journal,
+        Tree::BenchResults,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Tree::Snapshots => "snapshots",
             Tree::Policies => "policies",
             Tree::Active => "active",
+            Tree::Journal => "journal",
+            Tree::BenchResults => "bench_results",
         }
     }
 }
@@ -145,5 +159,21 @@ impl KvBackend for MemBackend {
 
     fn next_id(&self) -> Result<u64> {
         Ok(self.ids.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tree;
+
+    #[test]
+    fn all_lists_every_tree_in_declaration_order_with_distinct_names() {
+        for (i, t) in Tree::ALL.into_iter().enumerate() {
+            assert_eq!(t as usize, i);
+        }
+        let mut names: Vec<_> = Tree::ALL.map(Tree::name).to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Tree::ALL.len());
     }
 }

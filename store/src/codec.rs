@@ -1,5 +1,6 @@
 //! Byte formats of everything the store writes: snapshot keys and values,
-//! policy metadata and the per-kind active/history record. Every format
+//! policy metadata, the per-kind active/history record, request-journal keys
+//! and events, and bench-result keys and values. Every format
 //! starts with a version byte and is little-endian; keys are big-endian so
 //! that byte order is time order. Decoders never panic: any malformed input
 //! gives a [`DecodeError`]. Pure functions; never touches storage, the
@@ -18,8 +19,15 @@ pub const SNAPSHOT_LEN: usize = 1 + 4 + 8 + 14 * 4 + 1;
 pub const SNAPSHOT_KEY_LEN: usize = 4 + 8 + 8;
 /// Version byte of policy metadata and active records.
 pub const META_V1: u8 = 1;
+/// Version byte of [`encode_journal_event`]'s format.
+pub const JOURNAL_V1: u8 = 1;
+/// Length of a journal key: request (BE u64) ++ sequence (BE u64).
+pub const JOURNAL_KEY_LEN: usize = 8 + 8;
+/// Version byte of [`encode_bench_result`]'s format.
+pub const BENCH_V1: u8 = 1;
 
 pub type SnapshotKey = [u8; SNAPSHOT_KEY_LEN];
+pub type JournalKey = [u8; JOURNAL_KEY_LEN];
 
 pub fn snapshot_key(instance: u32, timestamp_us: u64, seq: u64) -> SnapshotKey {
     let mut k = [0u8; SNAPSHOT_KEY_LEN];
@@ -138,6 +146,9 @@ impl<'a> Reader<'a> {
         self.0 = tail;
         Ok(head)
     }
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.take(1, what)?[0])
+    }
     fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(
             self.take(4, what)?.try_into().expect("4 bytes"),
@@ -153,10 +164,10 @@ impl<'a> Reader<'a> {
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8 { what })
     }
-    fn version(&mut self) -> Result<(), DecodeError> {
+    fn version(&mut self, expected: u8) -> Result<(), DecodeError> {
         match self.0.first() {
             None => Err(DecodeError::Empty),
-            Some(&META_V1) => {
+            Some(&v) if v == expected => {
                 self.0 = &self.0[1..];
                 Ok(())
             }
@@ -185,7 +196,7 @@ pub fn encode_meta(m: &PolicyMeta) -> Vec<u8> {
 
 pub fn decode_meta(b: &[u8]) -> Result<PolicyMeta, DecodeError> {
     let mut r = Reader(b);
-    r.version()?;
+    r.version(META_V1)?;
     let installed_at_us = r.u64("installed_at_us")?;
     let name = r.string("name")?;
     let version = r.string("version")?;
@@ -226,7 +237,7 @@ pub fn encode_active(a: &ActiveRecord) -> Vec<u8> {
 
 pub fn decode_active(b: &[u8]) -> Result<ActiveRecord, DecodeError> {
     let mut r = Reader(b);
-    r.version()?;
+    r.version(META_V1)?;
     let active = r.string("active")?;
     let n = r.u32("history count")? as usize;
     if n > r.0.len() / 4 {
@@ -237,6 +248,229 @@ pub fn decode_active(b: &[u8]) -> Result<ActiveRecord, DecodeError> {
         .collect::<Result<Vec<_>, _>>()?;
     r.finish()?;
     Ok(ActiveRecord { active, history })
+}
+
+/// How a journaled request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JournalOutcome {
+    /// Hit `max_tokens`.
+    Length,
+    /// Produced a stop token or sequence.
+    Stop,
+    /// Cancelled by the client or the manager.
+    Cancelled,
+    /// Failed (instance lost, engine error, …).
+    Failed,
+}
+
+impl JournalOutcome {
+    pub const ALL: [JournalOutcome; 4] = [
+        JournalOutcome::Length,
+        JournalOutcome::Stop,
+        JournalOutcome::Cancelled,
+        JournalOutcome::Failed,
+    ];
+
+    fn tag(self) -> u8 {
+        match self {
+            JournalOutcome::Length => 0,
+            JournalOutcome::Stop => 1,
+            JournalOutcome::Cancelled => 2,
+            JournalOutcome::Failed => 3,
+        }
+    }
+
+    fn from_tag(tag: u8) -> Result<Self, DecodeError> {
+        Self::ALL
+            .into_iter()
+            .find(|o| o.tag() == tag)
+            .ok_or(DecodeError::UnknownTag {
+                what: "journal outcome",
+                tag,
+            })
+    }
+}
+
+/// One event in a request's life, as the manager journals it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalEvent {
+    /// The manager accepted the request.
+    Accepted {
+        at_us: u64,
+        prompt_tokens: u32,
+        max_tokens: u32,
+        priority: u8,
+    },
+    /// The request was sent to `instance`; `decided_by` labels the policy
+    /// that chose it.
+    Dispatched {
+        at_us: u64,
+        instance: u32,
+        decided_by: String,
+    },
+    /// The request ended.
+    Finished {
+        at_us: u64,
+        completion_tokens: u32,
+        outcome: JournalOutcome,
+    },
+}
+
+impl JournalEvent {
+    /// When the event happened (microseconds, caller's clock).
+    pub fn at_us(&self) -> u64 {
+        match *self {
+            JournalEvent::Accepted { at_us, .. }
+            | JournalEvent::Dispatched { at_us, .. }
+            | JournalEvent::Finished { at_us, .. } => at_us,
+        }
+    }
+
+    fn tag(&self) -> u8 {
+        match self {
+            JournalEvent::Accepted { .. } => 0,
+            JournalEvent::Dispatched { .. } => 1,
+            JournalEvent::Finished { .. } => 2,
+        }
+    }
+}
+
+pub fn journal_key(request: u64, seq: u64) -> JournalKey {
+    let mut k = [0u8; JOURNAL_KEY_LEN];
+    k[..8].copy_from_slice(&request.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Splits a journal key into (request, seq).
+pub fn parse_journal_key(key: &[u8]) -> Result<(u64, u64), DecodeError> {
+    let k: &JournalKey = key.try_into().map_err(|_| DecodeError::WrongLength {
+        expected: JOURNAL_KEY_LEN,
+        actual: key.len(),
+    })?;
+    let request = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+    let seq = u64::from_be_bytes(k[8..].try_into().expect("8 bytes"));
+    Ok((request, seq))
+}
+
+/// version u8 ++ tag u8 ++ at_us u64 ++ then by tag:
+/// 0 Accepted: prompt_tokens u32 ++ max_tokens u32 ++ priority u8;
+/// 1 Dispatched: instance u32 ++ decided_by (string as in [`encode_meta`]);
+/// 2 Finished: completion_tokens u32 ++ outcome u8
+/// (0 Length, 1 Stop, 2 Cancelled, 3 Failed).
+pub fn encode_journal_event(e: &JournalEvent) -> Vec<u8> {
+    let mut out = vec![JOURNAL_V1, e.tag()];
+    out.extend_from_slice(&e.at_us().to_le_bytes());
+    match e {
+        JournalEvent::Accepted {
+            prompt_tokens,
+            max_tokens,
+            priority,
+            ..
+        } => {
+            out.extend_from_slice(&prompt_tokens.to_le_bytes());
+            out.extend_from_slice(&max_tokens.to_le_bytes());
+            out.push(*priority);
+        }
+        JournalEvent::Dispatched {
+            instance,
+            decided_by,
+            ..
+        } => {
+            out.extend_from_slice(&instance.to_le_bytes());
+            put_str(&mut out, decided_by);
+        }
+        JournalEvent::Finished {
+            completion_tokens,
+            outcome,
+            ..
+        } => {
+            out.extend_from_slice(&completion_tokens.to_le_bytes());
+            out.push(outcome.tag());
+        }
+    }
+    out
+}
+
+pub fn decode_journal_event(b: &[u8]) -> Result<JournalEvent, DecodeError> {
+    let mut r = Reader(b);
+    r.version(JOURNAL_V1)?;
+    let tag = r.u8("journal event tag")?;
+    let at_us = r.u64("at_us")?;
+    let event = match tag {
+        0 => JournalEvent::Accepted {
+            at_us,
+            prompt_tokens: r.u32("prompt_tokens")?,
+            max_tokens: r.u32("max_tokens")?,
+            priority: r.u8("priority")?,
+        },
+        1 => JournalEvent::Dispatched {
+            at_us,
+            instance: r.u32("instance")?,
+            decided_by: r.string("decided_by")?,
+        },
+        2 => JournalEvent::Finished {
+            at_us,
+            completion_tokens: r.u32("completion_tokens")?,
+            outcome: JournalOutcome::from_tag(r.u8("outcome")?)?,
+        },
+        tag => {
+            return Err(DecodeError::UnknownTag {
+                what: "journal event",
+                tag,
+            })
+        }
+    };
+    r.finish()?;
+    Ok(event)
+}
+
+/// Length of a bench key past the name: separator 0x00 ++ at_us (BE u64).
+const BENCH_KEY_SUFFIX: usize = 1 + 8;
+
+/// name ++ 0x00 ++ at_us (BE u64). Names never contain 0x00 (the store
+/// checks), so one name's keys are contiguous and ordered by time.
+pub fn bench_key(name: &str, at_us: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + BENCH_KEY_SUFFIX);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&at_us.to_be_bytes());
+    k
+}
+
+/// Splits a bench key into (name, at_us).
+pub fn parse_bench_key(key: &[u8]) -> Result<(&str, u64), DecodeError> {
+    let Some(name_len) = key.len().checked_sub(BENCH_KEY_SUFFIX) else {
+        return Err(DecodeError::Truncated { what: "bench key" });
+    };
+    let (name, rest) = key.split_at(name_len);
+    if name.is_empty() {
+        return Err(DecodeError::Invalid("empty bench name"));
+    }
+    if rest[0] != 0 || name.contains(&0) {
+        return Err(DecodeError::Invalid("bench key separator misplaced"));
+    }
+    let name =
+        std::str::from_utf8(name).map_err(|_| DecodeError::InvalidUtf8 { what: "bench name" })?;
+    let at_us = u64::from_be_bytes(rest[1..].try_into().expect("8 bytes"));
+    Ok((name, at_us))
+}
+
+/// version u8 ++ the JSON text's UTF-8 bytes (to the end of the value). The
+/// text is opaque here: the store checks only that it is UTF-8.
+pub fn encode_bench_result(json: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + json.len());
+    out.push(BENCH_V1);
+    out.extend_from_slice(json.as_bytes());
+    out
+}
+
+pub fn decode_bench_result(b: &[u8]) -> Result<String, DecodeError> {
+    let mut r = Reader(b);
+    r.version(BENCH_V1)?;
+    String::from_utf8(r.0.to_vec()).map_err(|_| DecodeError::InvalidUtf8 {
+        what: "bench result",
+    })
 }
 
 #[cfg(test)]
@@ -367,6 +601,200 @@ mod tests {
         }
     }
 
+    fn sample_events() -> Vec<JournalEvent> {
+        let mut v = vec![
+            JournalEvent::Accepted {
+                at_us: 0x0102_0304_0506_0708,
+                prompt_tokens: 0x1111_1111,
+                max_tokens: 0x2222_2222,
+                priority: 0x33,
+            },
+            JournalEvent::Dispatched {
+                at_us: u64::MAX,
+                instance: u32::MAX,
+                decided_by: "llumnix@1.2.0 ✓".into(),
+            },
+            JournalEvent::Dispatched {
+                at_us: 0,
+                instance: 0,
+                decided_by: String::new(),
+            },
+        ];
+        v.extend(JournalOutcome::ALL.map(|outcome| JournalEvent::Finished {
+            at_us: 7,
+            completion_tokens: 0x4444_4444,
+            outcome,
+        }));
+        v
+    }
+
+    #[test]
+    fn journal_events_round_trip_and_prefixes_are_errors() {
+        for e in sample_events() {
+            let b = encode_journal_event(&e);
+            assert_eq!(decode_journal_event(&b).unwrap(), e);
+            for cut in 0..b.len() {
+                assert!(
+                    decode_journal_event(&b[..cut]).is_err(),
+                    "prefix of {cut} bytes of {e:?} decoded"
+                );
+            }
+            let mut extra = b.clone();
+            extra.push(0);
+            assert_eq!(
+                decode_journal_event(&extra),
+                Err(DecodeError::TrailingBytes(1))
+            );
+        }
+        // Fixed layout of an Accepted event (little-endian fields).
+        let b = encode_journal_event(&sample_events()[0]);
+        assert_eq!(
+            b,
+            [
+                &[JOURNAL_V1, 0][..],
+                &[8, 7, 6, 5, 4, 3, 2, 1],
+                &[0x11; 4],
+                &[0x22; 4],
+                &[0x33],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn corrupt_journal_events_are_errors() {
+        assert_eq!(decode_journal_event(&[]), Err(DecodeError::Empty));
+        let finished = encode_journal_event(&sample_events()[3]);
+        let mut v2 = finished.clone();
+        v2[0] = 2;
+        assert_eq!(
+            decode_journal_event(&v2),
+            Err(DecodeError::UnknownVersion(2))
+        );
+        let mut bad_tag = finished.clone();
+        bad_tag[1] = 3;
+        assert_eq!(
+            decode_journal_event(&bad_tag),
+            Err(DecodeError::UnknownTag {
+                what: "journal event",
+                tag: 3
+            })
+        );
+        let mut bad_outcome = finished;
+        *bad_outcome.last_mut().unwrap() = 4;
+        assert_eq!(
+            decode_journal_event(&bad_outcome),
+            Err(DecodeError::UnknownTag {
+                what: "journal outcome",
+                tag: 4
+            })
+        );
+        let mut bad_utf8 = encode_journal_event(&sample_events()[1]);
+        bad_utf8[1 + 1 + 8 + 4 + 4] = 0xff; // first byte of decided_by
+        assert_eq!(
+            decode_journal_event(&bad_utf8),
+            Err(DecodeError::InvalidUtf8 { what: "decided_by" })
+        );
+        // A huge decided_by length must not allocate or panic.
+        let mut huge = vec![JOURNAL_V1, 1];
+        huge.extend_from_slice(&[0; 8 + 4]);
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            decode_journal_event(&huge),
+            Err(DecodeError::Truncated { what: "decided_by" })
+        );
+    }
+
+    #[test]
+    fn journal_keys_sort_by_request_then_seq() {
+        let ks = [
+            journal_key(0, u64::MAX),
+            journal_key(1, 0),
+            journal_key(1, 1),
+            journal_key(1, 256),
+            journal_key(256, 0),
+            journal_key(u64::MAX, 0),
+        ];
+        assert!(ks.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(parse_journal_key(&ks[3]).unwrap(), (1, 256));
+        assert_eq!(
+            parse_journal_key(&[0; 15]),
+            Err(DecodeError::WrongLength {
+                expected: JOURNAL_KEY_LEN,
+                actual: 15
+            })
+        );
+    }
+
+    #[test]
+    fn bench_keys_group_by_name_then_time() {
+        // "a" < "a b" < "ab" as names; every key of "a" sorts before "a b".
+        let ks = [
+            bench_key("a", 0),
+            bench_key("a", 1),
+            bench_key("a", u64::MAX),
+            bench_key("a b", 0),
+            bench_key("ab", 0),
+            bench_key("b", 0),
+        ];
+        assert!(ks.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(parse_bench_key(&ks[3]).unwrap(), ("a b", 0));
+        assert_eq!(parse_bench_key(&ks[2]).unwrap(), ("a", u64::MAX));
+        assert!(matches!(
+            parse_bench_key(&[0; 8]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        assert!(parse_bench_key(&[0; 9]).is_err(), "empty name");
+        let mut no_sep = bench_key("ab", 5);
+        no_sep[2] = b'x';
+        assert!(parse_bench_key(&no_sep).is_err());
+        let nul_in_name = [&b"a\0b"[..], &bench_key("", 0)].concat();
+        assert!(parse_bench_key(&nul_in_name).is_err());
+        let bad_utf8 = [&[0xffu8][..], &bench_key("", 0)].concat();
+        assert_eq!(
+            parse_bench_key(&bad_utf8),
+            Err(DecodeError::InvalidUtf8 { what: "bench name" })
+        );
+
+        let json = r#"{"p99_ms": 12.5, "name": "ü"}"#;
+        let b = encode_bench_result(json);
+        assert_eq!(decode_bench_result(&b).unwrap(), json);
+        assert_eq!(decode_bench_result(&[BENCH_V1]).unwrap(), "");
+        assert_eq!(decode_bench_result(&[]), Err(DecodeError::Empty));
+        assert_eq!(
+            decode_bench_result(&[9, b'{']),
+            Err(DecodeError::UnknownVersion(9))
+        );
+        assert!(decode_bench_result(&[BENCH_V1, 0xc3]).is_err());
+    }
+
+    fn journal_event() -> impl Strategy<Value = JournalEvent> {
+        prop_oneof![
+            (any::<u64>(), any::<u32>(), any::<u32>(), any::<u8>()).prop_map(
+                |(at_us, prompt_tokens, max_tokens, priority)| JournalEvent::Accepted {
+                    at_us,
+                    prompt_tokens,
+                    max_tokens,
+                    priority,
+                }
+            ),
+            (any::<u64>(), any::<u32>(), ".{0,24}").prop_map(|(at_us, instance, decided_by)| {
+                JournalEvent::Dispatched {
+                    at_us,
+                    instance,
+                    decided_by,
+                }
+            }),
+            (any::<u64>(), any::<u32>(), 0..JournalOutcome::ALL.len()).prop_map(
+                |(at_us, completion_tokens, o)| JournalEvent::Finished {
+                    at_us,
+                    completion_tokens,
+                    outcome: JournalOutcome::ALL[o],
+                }
+            ),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, rng_seed: proptest::test_runner::RngSeed::Fixed(0x11_0e_u64), ..ProptestConfig::default() })]
 
@@ -381,6 +809,38 @@ mod tests {
             let _ = decode_snapshot(&b);
             let _ = decode_meta(&b);
             let _ = decode_active(&b);
+            let _ = decode_journal_event(&b);
+            let _ = parse_journal_key(&b);
+            let _ = parse_bench_key(&b);
+            let _ = decode_bench_result(&b);
+        }
+
+        #[test]
+        fn journal_like_bytes_never_panic(tag in 0u8..4, tail in proptest::collection::vec(any::<u8>(), 0..48)) {
+            // Valid version and a (mostly) valid tag reach the field decoders.
+            let b = [&[JOURNAL_V1, tag][..], &tail].concat();
+            if let Ok(e) = decode_journal_event(&b) {
+                prop_assert_eq!(encode_journal_event(&e), b);
+            }
+        }
+
+        #[test]
+        fn journal_event_round_trip(e in journal_event()) {
+            prop_assert_eq!(decode_journal_event(&encode_journal_event(&e)).unwrap(), e);
+        }
+
+        #[test]
+        fn journal_key_round_trip_and_order(a: (u64, u64), b: (u64, u64)) {
+            let (ka, kb) = (journal_key(a.0, a.1), journal_key(b.0, b.1));
+            prop_assert_eq!(parse_journal_key(&ka).unwrap(), a);
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        }
+
+        #[test]
+        fn bench_round_trip(name in "[^\\x00]{1,12}", at: u64, json in ".{0,40}") {
+            let k = bench_key(&name, at);
+            prop_assert_eq!(parse_bench_key(&k).unwrap(), (name.as_str(), at));
+            prop_assert_eq!(decode_bench_result(&encode_bench_result(&json)).unwrap(), json);
         }
 
         #[test]

@@ -22,6 +22,8 @@ pub enum DecodeError {
     InvalidBool(u8),
     #[error("{what} is not valid UTF-8")]
     InvalidUtf8 { what: &'static str },
+    #[error("unknown {what} tag {tag}")]
+    UnknownTag { what: &'static str, tag: u8 },
     #[error("{0}")]
     Invalid(&'static str),
 }
@@ -78,6 +80,8 @@ pub enum StoreError {
     InvalidKind(String),
     #[error("policy {0} is not registered")]
     UnknownPolicy(String),
+    #[error("invalid bench name {0:?}: expected 1..=256 bytes without control characters")]
+    InvalidBenchName(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -8,7 +8,8 @@ use std::path::Path;
 
 pub struct SledBackend {
     db: sled::Db,
-    trees: [sled::Tree; 3],
+    /// One sled tree per [`Tree`], indexed by `tree as usize`.
+    trees: Vec<sled::Tree>,
 }
 
 fn err(tree: &'static str, op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
@@ -36,11 +37,11 @@ impl SledBackend {
             source: Box::new(e),
         };
         let db = config.open().map_err(open_err)?;
-        let [a, b, c] = Tree::ALL.map(|t| db.open_tree(t.name()).map_err(open_err));
-        Ok(SledBackend {
-            trees: [a?, b?, c?],
-            db,
-        })
+        let trees = Tree::ALL
+            .iter()
+            .map(|t| db.open_tree(t.name()).map_err(open_err))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SledBackend { trees, db })
     }
 
     fn tree(&self, tree: Tree) -> &sled::Tree {

@@ -40,15 +40,15 @@ fn instance_end(instance: u32) -> Option<SnapshotKey> {
 }
 
 impl<B: KvBackend> Store<B> {
-    /// Buffers one snapshot; writes the buffer when it reaches
-    /// [`Store::batch_size`]. Visible to reads at once; durable after the
+    /// Buffers one snapshot; writes the buffer (shared with journal events)
+    /// when it reaches [`Store::batch_size`]. Visible to reads at once; durable after the
     /// next [`Store::flush`].
     pub fn append(&self, snapshot: &InstanceLoad) -> Result<()> {
         let seq = self.backend.next_id()?;
         let key = snapshot_key(snapshot.instance, snapshot.timestamp_us, seq);
         let full = {
             let mut pending = self.pending();
-            pending.insert(key, *snapshot);
+            pending.snapshots.insert(key, *snapshot);
             pending.len() >= self.batch_size
         };
         if full {
@@ -73,7 +73,7 @@ impl<B: KvBackend> Store<B> {
         // in both (merged by key) rather than in neither.
         let mut merged: BTreeMap<SnapshotKey, InstanceLoad> = {
             let pending = self.pending();
-            let range = pending.range((
+            let range = pending.snapshots.range((
                 Bound::Included(from),
                 to.map_or(Bound::Unbounded, Bound::Excluded),
             ));
@@ -152,6 +152,7 @@ impl<B: KvBackend> Store<B> {
     pub fn instances(&self) -> Result<Vec<u32>> {
         let mut found: Vec<u32> = self
             .pending()
+            .snapshots
             .keys()
             .map(|k| u32::from_be_bytes([k[0], k[1], k[2], k[3]]))
             .collect();

@@ -1,7 +1,12 @@
 //! Behaviour of `Store` on sled (temporary and on-disk) and on `MemBackend`.
 
 use llumen_store::backend::Op;
-use llumen_store::{InstanceLoad, KvBackend, MemBackend, PolicyMeta, Store, StoreError, Tree};
+use llumen_store::{
+    DispatchRecord, InstanceLoad, JournalEvent, JournalOutcome, KvBackend, MemBackend, PolicyMeta,
+    Store, StoreError, Tree,
+};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 fn load(instance: u32, timestamp_us: u64, used: u32) -> InstanceLoad {
@@ -370,4 +375,413 @@ fn reopen_keeps_policies_active_versions_and_flushed_snapshots() {
     let st = Store::open(dir.path()).unwrap();
     assert_eq!(st.active("dispatch").unwrap(), Some(sha(1)));
     assert_eq!(st.range(1, 0, 1000).unwrap().len(), 3);
+}
+
+fn accepted(at_us: u64) -> JournalEvent {
+    JournalEvent::Accepted {
+        at_us,
+        prompt_tokens: 100,
+        max_tokens: 50,
+        priority: 1,
+    }
+}
+
+fn dispatched(at_us: u64, instance: u32, by: &str) -> JournalEvent {
+    JournalEvent::Dispatched {
+        at_us,
+        instance,
+        decided_by: by.into(),
+    }
+}
+
+fn finished(at_us: u64, outcome: JournalOutcome) -> JournalEvent {
+    JournalEvent::Finished {
+        at_us,
+        completion_tokens: 7,
+        outcome,
+    }
+}
+
+fn journal_rows<B: KvBackend>(st: &Store<B>) -> usize {
+    let mut n = 0;
+    st.backend()
+        .scan(Tree::Journal, &[], None, false, &mut |_, _| {
+            n += 1;
+            Ok(true)
+        })
+        .unwrap();
+    n
+}
+
+fn journal_body<B: KvBackend>(st: &Store<B>) {
+    // Requests interleaved, a huge id, some events flushed, some buffered.
+    st.journal(7, &accepted(100)).unwrap();
+    st.journal(3, &accepted(90)).unwrap();
+    st.journal(u64::MAX, &accepted(95)).unwrap();
+    st.journal(7, &dispatched(110, 2, "llumnix@1")).unwrap();
+    st.flush().unwrap();
+    st.journal(3, &dispatched(110, 1, "rr")).unwrap();
+    st.journal(u64::MAX, &dispatched(96, 0, "rr")).unwrap();
+    st.journal(3, &finished(150, JournalOutcome::Stop)).unwrap();
+    st.journal(9, &dispatched(120, 4, "orphan")).unwrap(); // no Accepted
+    if st.batch_size() > 8 {
+        assert_eq!(st.pending_len(), 4, "the last four are still buffered");
+    }
+    assert_eq!(
+        st.journal_events(7).unwrap(),
+        vec![accepted(100), dispatched(110, 2, "llumnix@1")]
+    );
+    assert_eq!(
+        st.journal_events(3).unwrap(),
+        vec![
+            accepted(90),
+            dispatched(110, 1, "rr"),
+            finished(150, JournalOutcome::Stop)
+        ],
+        "journal order, buffered events included"
+    );
+    assert_eq!(st.journal_events(u64::MAX).unwrap().len(), 2);
+    assert!(st.journal_events(4).unwrap().is_empty());
+    assert_eq!(st.in_flight().unwrap(), vec![7, u64::MAX]);
+    let rec = |request, at_us, instance, by: &str| DispatchRecord {
+        request,
+        at_us,
+        instance,
+        decided_by: by.into(),
+    };
+    let all = st.dispatches_between(0, u64::MAX).unwrap();
+    assert_eq!(
+        all,
+        vec![
+            rec(u64::MAX, 96, 0, "rr"),
+            rec(3, 110, 1, "rr"),
+            rec(7, 110, 2, "llumnix@1"),
+            rec(9, 120, 4, "orphan"),
+        ],
+        "by time, then request"
+    );
+    assert_eq!(st.dispatches_between(96, 120).unwrap(), all[..3].to_vec());
+    assert!(st.dispatches_between(97, 110).unwrap().is_empty());
+    assert!(st.dispatches_between(120, 120).unwrap().is_empty());
+    assert!(st.dispatches_between(200, 100).unwrap().is_empty());
+
+    // The same answers once everything is flushed.
+    st.flush().unwrap();
+    assert_eq!(st.pending_len(), 0);
+    assert_eq!(journal_rows(st), 8);
+    assert_eq!(st.in_flight().unwrap(), vec![7, u64::MAX]);
+    assert_eq!(st.dispatches_between(0, u64::MAX).unwrap(), all);
+
+    // Retention: only finished requests, by their Finished time.
+    st.journal(7, &finished(300, JournalOutcome::Cancelled))
+        .unwrap();
+    assert_eq!(st.retain_journal_since(150).unwrap(), 0, "150 is not < 150");
+    assert_eq!(st.retain_journal_since(151).unwrap(), 1);
+    assert!(st.journal_events(3).unwrap().is_empty());
+    assert_eq!(st.in_flight().unwrap(), vec![u64::MAX]);
+    assert_eq!(st.retain_journal_since(u64::MAX).unwrap(), 1);
+    assert!(st.journal_events(7).unwrap().is_empty());
+    assert_eq!(st.retain_journal_since(u64::MAX).unwrap(), 0);
+    assert_eq!(journal_rows(st), 3, "unfinished requests are kept");
+    assert_eq!(st.in_flight().unwrap(), vec![u64::MAX]);
+    assert_eq!(st.dispatches_between(0, u64::MAX).unwrap().len(), 2);
+}
+
+#[test]
+fn journal_events_in_flight_dispatches_and_retention() {
+    on_each_backend!(1000, journal_body);
+    on_each_backend!(2, journal_body);
+    on_each_backend!(1, journal_body);
+}
+
+fn shared_batch_body<B: KvBackend>(st: &Store<B>) {
+    st.journal(1, &accepted(1)).unwrap();
+    st.append(&load(1, 1, 1)).unwrap();
+    assert_eq!(st.pending_len(), 2);
+    assert_eq!(journal_rows(st), 0, "journaling does not write");
+    assert_eq!(st.in_flight().unwrap(), vec![1], "buffered events are read");
+    st.journal(1, &dispatched(2, 1, "p")).unwrap(); // third entry: written out
+    assert_eq!(st.pending_len(), 0);
+    assert_eq!(journal_rows(st), 2);
+    assert_eq!(st.latest(1).unwrap().unwrap().used_blocks, 1);
+    st.journal(1, &finished(3, JournalOutcome::Length)).unwrap();
+    assert!(st.in_flight().unwrap().is_empty());
+    // Retention flushes the buffer first.
+    assert_eq!(st.retain_journal_since(4).unwrap(), 1);
+    assert_eq!((st.pending_len(), journal_rows(st)), (0, 0));
+}
+
+#[test]
+fn journal_shares_the_snapshot_batch() {
+    on_each_backend!(3, shared_batch_body);
+}
+
+#[test]
+fn concurrent_journal_writes_are_all_kept() {
+    let st = Arc::new(Store::temporary().unwrap().with_batch_size(5));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let st = Arc::clone(&st);
+            std::thread::spawn(move || {
+                for i in 0..100u64 {
+                    let request = t * 1000 + i;
+                    st.journal(request, &accepted(i)).unwrap();
+                    st.append(&load(t as u32, i, 0)).unwrap();
+                    st.journal(request, &dispatched(i, t as u32, "p")).unwrap();
+                    if i % 2 == 0 {
+                        st.journal(request, &finished(i, JournalOutcome::Stop))
+                            .unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|h| h.join().unwrap());
+    assert_eq!(st.in_flight().unwrap().len(), 200);
+    assert_eq!(st.dispatches_between(0, u64::MAX).unwrap().len(), 400);
+    assert_eq!(st.journal_events(2001).unwrap().len(), 2);
+    assert_eq!(st.range_all(0, u64::MAX).unwrap().len(), 400);
+}
+
+#[test]
+fn corrupt_journal_entries_are_reported_with_tree_and_key() {
+    let st = Store::with_backend(MemBackend::default());
+    st.journal(1, &accepted(5)).unwrap();
+    st.flush().unwrap();
+    let key = llumen_store::codec::journal_key(1, 99).to_vec();
+    st.backend()
+        .apply(Tree::Journal, vec![Op::Insert(key.clone(), vec![1, 9])])
+        .unwrap();
+    match st.journal_events(1) {
+        Err(
+            e @ StoreError::Corrupt {
+                tree: "journal", ..
+            },
+        ) => {
+            assert!(e.to_string().contains("0x0000000000000001"), "{e}");
+        }
+        other => panic!("expected a corrupt error, got {other:?}"),
+    }
+    assert!(st.in_flight().is_err());
+    assert!(st.dispatches_between(0, 10).is_err());
+    assert!(st.retain_journal_since(10).is_err());
+    assert_eq!(journal_rows(&st), 2, "a failed retention removes nothing");
+    // A key of the wrong length is corrupt too.
+    st.backend()
+        .apply(
+            Tree::Journal,
+            vec![
+                Op::Remove(key),
+                Op::Insert(
+                    vec![0; 3],
+                    llumen_store::codec::encode_journal_event(&accepted(1)),
+                ),
+            ],
+        )
+        .unwrap();
+    assert!(matches!(
+        st.in_flight(),
+        Err(StoreError::Corrupt {
+            tree: "journal",
+            ..
+        })
+    ));
+}
+
+fn bench_body<B: KvBackend>(st: &Store<B>) {
+    assert!(st.bench_names().unwrap().is_empty());
+    assert!(st.bench_results("dispatch").unwrap().is_empty());
+    st.put_bench_result("dispatch", 30, r#"{"p99":3}"#).unwrap();
+    st.put_bench_result("dispatch", 10, r#"{"p99":1}"#).unwrap();
+    st.put_bench_result("dispatch", u64::MAX, "{}").unwrap();
+    st.put_bench_result("dispatch x", 5, "[]").unwrap();
+    st.put_bench_result("dispatchx", 5, "").unwrap();
+    st.put_bench_result("a/ü", 0, r#""ü""#).unwrap();
+    assert_eq!(
+        st.bench_results("dispatch").unwrap(),
+        vec![
+            (10, r#"{"p99":1}"#.to_owned()),
+            (30, r#"{"p99":3}"#.to_owned()),
+            (u64::MAX, "{}".to_owned())
+        ],
+        "oldest first, names that extend it excluded"
+    );
+    st.put_bench_result("dispatch", 30, r#"{"p99":4}"#).unwrap();
+    assert_eq!(
+        st.bench_results("dispatch").unwrap()[1],
+        (30, r#"{"p99":4}"#.to_owned()),
+        "same name and time replaces"
+    );
+    assert_eq!(st.bench_results("dispatch").unwrap().len(), 3);
+    assert_eq!(
+        st.bench_results("dispatch x").unwrap(),
+        vec![(5, "[]".into())]
+    );
+    assert_eq!(
+        st.bench_names().unwrap(),
+        vec!["a/ü", "dispatch", "dispatch x", "dispatchx"]
+    );
+    assert!(st.bench_results("dispatc").unwrap().is_empty());
+    for bad in ["", "nul\0name", "new\nline", &"x".repeat(257)] {
+        assert!(
+            matches!(
+                st.put_bench_result(bad, 1, "{}"),
+                Err(StoreError::InvalidBenchName(_))
+            ),
+            "{bad:?}"
+        );
+        assert!(st.bench_results(bad).is_err());
+    }
+    st.put_bench_result(&"x".repeat(256), 1, "{}").unwrap();
+    assert_eq!(st.bench_names().unwrap().len(), 5);
+}
+
+#[test]
+fn bench_results_by_name_and_time() {
+    on_each_backend!(1, bench_body);
+}
+
+#[test]
+fn corrupt_bench_result_is_an_error() {
+    let st = Store::with_backend(MemBackend::default());
+    st.put_bench_result("b", 1, "{}").unwrap();
+    st.backend()
+        .apply(
+            Tree::BenchResults,
+            vec![Op::Insert(
+                llumen_store::codec::bench_key("b", 2),
+                vec![1, 0xff],
+            )],
+        )
+        .unwrap();
+    assert!(matches!(
+        st.bench_results("b"),
+        Err(StoreError::Corrupt {
+            tree: "bench_results",
+            ..
+        })
+    ));
+    st.backend()
+        .apply(
+            Tree::BenchResults,
+            vec![Op::Insert(b"junk".to_vec(), vec![1])],
+        )
+        .unwrap();
+    assert!(st.bench_names().is_err());
+}
+
+#[test]
+fn reopen_keeps_journal_and_bench_results() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let st = Store::open(dir.path()).unwrap();
+        st.journal(1, &accepted(10)).unwrap();
+        st.journal(2, &accepted(11)).unwrap();
+        st.flush().unwrap();
+        st.journal(1, &dispatched(12, 3, "llumnix")).unwrap();
+        st.journal(2, &finished(13, JournalOutcome::Failed))
+            .unwrap(); // written by the drop
+        st.put_bench_result("load", 5, r#"{"rps":10}"#).unwrap();
+    }
+    let st = Store::open(dir.path()).unwrap();
+    assert_eq!(st.in_flight().unwrap(), vec![1]);
+    // Events journaled after a reopen still come after the old ones.
+    st.journal(1, &finished(20, JournalOutcome::Length))
+        .unwrap();
+    assert_eq!(
+        st.journal_events(1).unwrap(),
+        vec![
+            accepted(10),
+            dispatched(12, 3, "llumnix"),
+            finished(20, JournalOutcome::Length)
+        ]
+    );
+    assert!(st.in_flight().unwrap().is_empty());
+    assert_eq!(st.bench_names().unwrap(), vec!["load"]);
+    assert_eq!(
+        st.bench_results("load").unwrap(),
+        vec![(5, r#"{"rps":10}"#.to_owned())]
+    );
+    assert_eq!(st.retain_journal_since(15).unwrap(), 1);
+    drop(st);
+    let st = Store::open(dir.path()).unwrap();
+    assert!(st.journal_events(2).unwrap().is_empty());
+    assert_eq!(st.journal_events(1).unwrap().len(), 3);
+}
+
+/// One step of the journal model test.
+#[derive(Debug, Clone)]
+enum Step {
+    Event(u64, JournalEvent),
+    Flush,
+    Retain(u64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let request = 0u64..6;
+    let at = 0u64..100;
+    prop_oneof![
+        6 => (request.clone(), at.clone()).prop_map(|(r, t)| Step::Event(r, accepted(t))),
+        6 => (request.clone(), at.clone(), 0u32..3)
+            .prop_map(|(r, t, i)| Step::Event(r, dispatched(t, i, "p"))),
+        4 => (request, at, 0usize..4).prop_map(|(r, t, o)| {
+            Step::Event(r, finished(t, JournalOutcome::ALL[o]))
+        }),
+        1 => Just(Step::Flush),
+        1 => (0u64..120).prop_map(Step::Retain),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, rng_seed: proptest::test_runner::RngSeed::Fixed(0x10_u64), ..ProptestConfig::default() })]
+
+    /// The journal behaves like a map of per-request event lists, whatever
+    /// the batch size and wherever flushes and retentions fall.
+    #[test]
+    fn journal_matches_a_model(steps in proptest::collection::vec(step(), 0..40), batch in 1usize..6) {
+        let st = Store::with_backend(MemBackend::default()).with_batch_size(batch);
+        let mut model: BTreeMap<u64, Vec<JournalEvent>> = BTreeMap::new();
+        for s in steps {
+            match s {
+                Step::Event(r, e) => {
+                    st.journal(r, &e).unwrap();
+                    model.entry(r).or_default().push(e);
+                }
+                Step::Flush => st.flush().unwrap(),
+                Step::Retain(cutoff) => {
+                    let before = model.len();
+                    model.retain(|_, evs| {
+                        let last = evs.iter().filter_map(|e| match e {
+                            JournalEvent::Finished { at_us, .. } => Some(*at_us),
+                            _ => None,
+                        }).max();
+                        last.is_none_or(|f| f >= cutoff)
+                    });
+                    prop_assert_eq!(st.retain_journal_since(cutoff).unwrap(), before - model.len());
+                }
+            }
+        }
+        for r in 0..6 {
+            prop_assert_eq!(st.journal_events(r).unwrap(), model.get(&r).cloned().unwrap_or_default());
+        }
+        let in_flight: Vec<u64> = model.iter().filter(|(_, evs)| {
+            evs.iter().any(|e| matches!(e, JournalEvent::Accepted { .. }))
+                && !evs.iter().any(|e| matches!(e, JournalEvent::Finished { .. }))
+        }).map(|(r, _)| *r).collect();
+        prop_assert_eq!(st.in_flight().unwrap(), in_flight);
+        let mut dispatches: Vec<(u64, u64, u32)> = Vec::new();
+        for (r, evs) in &model {
+            for e in evs {
+                if let JournalEvent::Dispatched { at_us, instance, .. } = e {
+                    if (20..70).contains(at_us) {
+                        dispatches.push((*at_us, *r, *instance));
+                    }
+                }
+            }
+        }
+        dispatches.sort_by_key(|d| (d.0, d.1)); // stable: journal order within a request
+        let got: Vec<(u64, u64, u32)> = st.dispatches_between(20, 70).unwrap()
+            .into_iter().map(|d| (d.at_us, d.request, d.instance)).collect();
+        prop_assert_eq!(got, dispatches);
+    }
 }

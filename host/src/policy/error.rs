@@ -41,4 +41,6 @@ pub enum PolicyError {
     },
     #[error("no earlier {0} policy to roll back to")]
     NothingToRollBack(PolicyKind),
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -894,3 +894,80 @@ fn sample_fleet() -> Fleet {
     }));
     fleet
 }
+
+/// One question a policy answers, outside the slots: what shadowing and
+/// replay ask a candidate version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Question {
+    Dispatch(RequestMeta),
+    Priority(RequestMeta),
+    Plan,
+    Scaling,
+}
+
+impl Question {
+    /// The kind of policy that answers it.
+    pub fn kind(&self) -> PolicyKind {
+        match self {
+            Question::Dispatch(_) => PolicyKind::Dispatch,
+            Question::Priority(_) => PolicyKind::Priority,
+            Question::Plan => PolicyKind::Migration,
+            Question::Scaling => PolicyKind::Scaling,
+        }
+    }
+}
+
+/// A validated answer to a [`Question`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Dispatch(Option<InstanceId>),
+    Priority(PriorityAssignment),
+    Plan(Vec<MigrationPair>),
+    Scaling(ScalingDecision),
+}
+
+impl PolicyRuntime {
+    /// Asks a standalone instance (see [`PolicyRuntime::instantiate`]) one
+    /// question on `fleet` (sent whole first), validating the answer as a
+    /// slot's would be.
+    pub fn ask(
+        &self,
+        live: &mut LiveInstance,
+        fleet: &Fleet,
+        question: &Question,
+    ) -> Result<Answer, CallFailure> {
+        let loads: Vec<_> = fleet.loads().iter().map(bindings::load_to_wit).collect();
+        live.reset(&loads)?;
+        Ok(match question {
+            Question::Dispatch(r) => {
+                if fleet.serving().next().is_none() {
+                    return Ok(Answer::Dispatch(None));
+                }
+                let id = live.dispatch(bindings::request_to_wit(r))?;
+                Answer::Dispatch(Some(validate::dispatch(id, fleet)?))
+            }
+            Question::Priority(r) => {
+                let a = live.assign(bindings::request_to_wit(r))?;
+                Answer::Priority(validate::assign(
+                    PriorityAssignment {
+                        priority: a.priority,
+                        headroom_blocks: a.headroom_blocks,
+                    },
+                    fleet,
+                )?)
+            }
+            Question::Plan => {
+                if fleet.len() < 2 {
+                    return Ok(Answer::Plan(Vec::new()));
+                }
+                let pairs = live.plan()?.into_iter().map(bindings::pair_from_wit).collect();
+                Answer::Plan(validate::plan(pairs, fleet)?)
+            }
+            Question::Scaling => Answer::Scaling(validate::scaling(
+                bindings::scaling_from_wit(live.decide()?),
+                fleet,
+                self.engine.config().max_scale_up,
+            )?),
+        })
+    }
+}

@@ -1,0 +1,964 @@
+//! The manager: the global scheduler and the request relays.
+//!
+//! Owns the fleet (in-process llumlets and joined instances behind
+//! [`InstanceLink`]), request ids, dispatch on arrival through the policy
+//! runtime, the relay task of every request (tokens from whichever instance
+//! serves it, in order, once each, to the client; re-dispatch from prompt +
+//! tokens so far when an instance is lost), the periodic migration and
+//! scaling rounds, and feeding snapshots to the policies, sled and metrics.
+//!
+//! Invariants: a request accepted by [`Manager::submit`] ends with exactly
+//! one `Finished` or `Error` event on its stream (or is cancelled by its
+//! client); its journal says Accepted, Dispatched (once per placement) and
+//! Finished. A removed instance's late snapshots are ignored.
+//!
+//! API boundary: instances are reached only through [`InstanceLink`];
+//! policies only through [`PolicyRuntime`]'s decision calls; sled only
+//! through `llumen-store`. It never parses bytes from the network.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use llumen_policy_logic::{
+    InstanceLoad, MigrationCandidate, RequestMeta, ScalingDecision,
+};
+use llumen_store::{JournalEvent, JournalOutcome, Store};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{
+    CancelOnDrop, ErrorCode, FinishReason, FinishRecord, GenerateEvent, GenerateRequest,
+    Generation, ServeError, Serving, TokenChunk,
+};
+use crate::clock;
+use crate::llumlet::{EventSender, InstanceEvent, LoadSink};
+use crate::metrics::Metrics;
+use crate::model::TextCodec;
+use crate::policy::{DecisionSource, PolicyKind, PolicyRuntime, SlotStatus};
+use crate::protocol::Assignment;
+use crate::shadow::{ShadowAnswer, ShadowInput, Shadows};
+
+/// A way to reach one instance.
+pub trait InstanceLink: Send + Sync + 'static {
+    /// Queues a request there; its events go to `events`.
+    fn assign(&self, job: Assignment, events: EventSender) -> Result<(), ServeError>;
+    /// Marks it draining (or not).
+    fn set_draining(&self, draining: bool);
+    /// Running requests a migration could move (empty where unknown).
+    fn candidates(&self) -> Pin<Box<dyn Future<Output = Vec<MigrationCandidate>> + Send + '_>>;
+    /// Stops it (in-process) or lets it go (joined).
+    fn stop(&self);
+    /// `local` or `remote`.
+    fn kind(&self) -> &'static str;
+}
+
+impl InstanceLink for crate::llumlet::Llumlet {
+    fn assign(&self, job: Assignment, events: EventSender) -> Result<(), ServeError> {
+        crate::llumlet::Llumlet::assign(self, job, events)
+    }
+    fn set_draining(&self, draining: bool) {
+        crate::llumlet::Llumlet::set_draining(self, draining)
+    }
+    fn candidates(&self) -> Pin<Box<dyn Future<Output = Vec<MigrationCandidate>> + Send + '_>> {
+        Box::pin(self.migration_candidates())
+    }
+    fn stop(&self) {
+        crate::llumlet::Llumlet::stop(self)
+    }
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+}
+
+/// Builds an in-process instance with the given id, publishing to the sink.
+pub type LocalFactory =
+    Box<dyn Fn(u32, LoadSink) -> Result<Arc<dyn InstanceLink>, String> + Send + Sync>;
+
+/// Knobs of the manager.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    pub model_name: String,
+    /// Longest prompt + max_tokens an instance serves.
+    pub max_model_len: usize,
+    pub migration_period: Duration,
+    pub scaling_period: Duration,
+    /// The scaling round never drains below / grows above these.
+    pub min_instances: usize,
+    pub max_instances: usize,
+    /// Most times one request is placed again after losing its instance.
+    pub max_moves: u32,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            model_name: "llumen".into(),
+            max_model_len: 2048,
+            migration_period: Duration::from_secs(1),
+            scaling_period: Duration::from_secs(5),
+            min_instances: 1,
+            max_instances: 1,
+            max_moves: 8,
+        }
+    }
+}
+
+struct InstanceEntry {
+    link: Arc<dyn InstanceLink>,
+    draining: bool,
+    joined_us: u64,
+}
+
+/// One instance in [`StatusReport`].
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceStatus {
+    pub instance: u32,
+    pub kind: &'static str,
+    pub draining: bool,
+    pub joined_us: u64,
+    pub load: Option<InstanceLoadView>,
+}
+
+/// The load fields people read in a status.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceLoadView {
+    pub timestamp_us: u64,
+    pub total_blocks: u32,
+    pub used_blocks: u32,
+    pub running: u32,
+    pub waiting: u32,
+    pub preempted: u32,
+    pub migrating_in: u32,
+    pub migrating_out: u32,
+    pub step_latency_us: u32,
+}
+
+impl From<&InstanceLoad> for InstanceLoadView {
+    fn from(l: &InstanceLoad) -> Self {
+        Self {
+            timestamp_us: l.timestamp_us,
+            total_blocks: l.total_blocks,
+            used_blocks: l.used_blocks,
+            running: l.running,
+            waiting: l.waiting,
+            preempted: l.preempted,
+            migrating_in: l.migrating_in,
+            migrating_out: l.migrating_out,
+            step_latency_us: l.step_latency_us,
+        }
+    }
+}
+
+/// What `llumen status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusReport {
+    pub model: String,
+    pub uptime_s: f64,
+    pub requests_in_flight: u64,
+    pub requests_total: u64,
+    pub instances: Vec<InstanceStatus>,
+    pub policies: Vec<SlotStatus>,
+    /// Snapshots in sled per instance (buffered ones included).
+    pub stored_snapshots: BTreeMap<u32, u64>,
+    pub shadows: Vec<crate::shadow::ShadowReport>,
+}
+
+struct Inner {
+    config: ManagerConfig,
+    runtime: Arc<PolicyRuntime>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    codec: Arc<TextCodec>,
+    instances: RwLock<BTreeMap<u32, InstanceEntry>>,
+    next_instance: AtomicU32,
+    next_request: AtomicU64,
+    in_flight: AtomicU64,
+    accepted: AtomicU64,
+    factory: Option<LocalFactory>,
+    shadows: Shadows,
+    started_us: u64,
+    stored_snapshots: Mutex<BTreeMap<u32, u64>>,
+}
+
+/// The global scheduler. Cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn label(source: &DecisionSource) -> String {
+    match source {
+        DecisionSource::Active { name, sha256 } => format!("{name}@{}", &sha256[..8.min(sha256.len())]),
+        DecisionSource::LastGood { name, sha256 } => {
+            format!("last-good:{name}@{}", &sha256[..8.min(sha256.len())])
+        }
+        DecisionSource::Builtin { name } => format!("builtin:{name}"),
+    }
+}
+
+impl Manager {
+    /// A manager with no instances yet. `factory` builds in-process
+    /// instances for [`Manager::add_local_instance`] and scale-up.
+    pub fn new(
+        config: ManagerConfig,
+        runtime: Arc<PolicyRuntime>,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        codec: Arc<TextCodec>,
+        factory: Option<LocalFactory>,
+    ) -> Self {
+        let started_us = clock::now_us();
+        let stored = store
+            .instances()
+            .ok()
+            .map(|ids| {
+                ids.into_iter()
+                    .map(|i| (i, store.recent(i, usize::MAX).map(|v| v.len() as u64).unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                shadows: Shadows::new(runtime.clone()),
+                runtime,
+                store,
+                metrics,
+                codec,
+                instances: RwLock::new(BTreeMap::new()),
+                next_instance: AtomicU32::new(0),
+                // Request ids start at the clock (µs since the epoch) so ids
+                // stay unique in the journal across restarts.
+                next_request: AtomicU64::new(started_us),
+                in_flight: AtomicU64::new(0),
+                accepted: AtomicU64::new(0),
+                factory,
+                started_us,
+                stored_snapshots: Mutex::new(stored),
+            }),
+        }
+    }
+
+    pub fn runtime(&self) -> &Arc<PolicyRuntime> {
+        &self.inner.runtime
+    }
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+    pub fn shadows(&self) -> &Shadows {
+        &self.inner.shadows
+    }
+    pub fn config(&self) -> &ManagerConfig {
+        &self.inner.config
+    }
+
+    /// The sink an instance with id `instance` publishes its loads to.
+    pub fn load_sink(&self) -> LoadSink {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        Box::new(move |load| {
+            if let Some(inner) = weak.upgrade() {
+                inner.on_load(load);
+            }
+        })
+    }
+
+    /// Reserves the next instance id.
+    pub fn next_instance_id(&self) -> u32 {
+        self.inner.next_instance.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Starts one more in-process instance.
+    pub fn add_local_instance(&self) -> Result<u32, String> {
+        let factory = self
+            .inner
+            .factory
+            .as_ref()
+            .ok_or("this manager cannot start in-process instances")?;
+        let id = self.next_instance_id();
+        let link = factory(id, self.load_sink())?;
+        self.register(id, link);
+        Ok(id)
+    }
+
+    /// Adds an instance under a reserved id.
+    pub fn register(&self, id: u32, link: Arc<dyn InstanceLink>) {
+        tracing::info!(instance = id, kind = link.kind(), "instance joined");
+        write(&self.inner.instances).insert(
+            id,
+            InstanceEntry {
+                link,
+                draining: false,
+                joined_us: clock::now_us(),
+            },
+        );
+    }
+
+    /// Removes an instance: its requests' channels close and their relays
+    /// place them again.
+    pub fn remove_instance(&self, id: u32) {
+        let entry = write(&self.inner.instances).remove(&id);
+        if let Some(entry) = entry {
+            entry.link.stop();
+            self.inner.runtime.remove_instance(id);
+            self.inner.metrics.remove_instance(id);
+            tracing::info!(instance = id, "instance left");
+        }
+    }
+
+    /// Instances now.
+    pub fn instance_ids(&self) -> Vec<u32> {
+        read(&self.inner.instances).keys().copied().collect()
+    }
+
+    /// Marks an instance draining: no new requests; it stops once empty.
+    pub fn drain(&self, id: u32) -> bool {
+        let mut instances = write(&self.inner.instances);
+        let Some(entry) = instances.get_mut(&id) else {
+            return false;
+        };
+        entry.draining = true;
+        entry.link.set_draining(true);
+        drop(instances);
+        // Tell the policies at once, not at the next snapshot.
+        if let Some(mut load) = self.inner.runtime.fleet().get(id).copied() {
+            load.draining = true;
+            self.inner.runtime.observe(load);
+        }
+        true
+    }
+
+    /// Writes buffered snapshots and journal events to sled.
+    pub fn flush(&self) {
+        if let Err(e) = self.inner.store.flush() {
+            tracing::error!(error = %e, "flushing the store");
+        }
+    }
+
+    /// Stops every instance and flushes the store.
+    pub fn shutdown(&self) {
+        let ids = self.instance_ids();
+        for id in ids {
+            self.remove_instance(id);
+        }
+        self.flush();
+    }
+
+    /// Status for `llumen status`.
+    pub fn status(&self) -> StatusReport {
+        let fleet = self.inner.runtime.fleet();
+        let instances = read(&self.inner.instances)
+            .iter()
+            .map(|(&id, e)| InstanceStatus {
+                instance: id,
+                kind: e.link.kind(),
+                draining: e.draining,
+                joined_us: e.joined_us,
+                load: fleet.get(id).map(InstanceLoadView::from),
+            })
+            .collect();
+        StatusReport {
+            model: self.inner.config.model_name.clone(),
+            uptime_s: (clock::now_us() - self.inner.started_us) as f64 / 1e6,
+            requests_in_flight: self.inner.in_flight.load(Ordering::Relaxed),
+            requests_total: self.inner.accepted.load(Ordering::Relaxed),
+            instances,
+            policies: PolicyKind::ALL
+                .iter()
+                .map(|&k| self.inner.runtime.status(k))
+                .collect(),
+            stored_snapshots: self
+                .inner
+                .stored_snapshots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            shadows: self.inner.shadows.reports(),
+        }
+    }
+
+    /// Starts the periodic migration and scaling rounds on the current
+    /// tokio runtime; they stop when the manager is dropped.
+    pub fn start_rounds(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let period = self.inner.config.migration_period;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                Manager { inner }.migration_round().await;
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
+        let period = self.inner.config.scaling_period;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                Manager { inner }.scaling_round();
+            }
+        });
+    }
+
+    /// One migration round: the policy's pairs and, per pair, the requests
+    /// it would move. (Executing them is live migration's job; until then
+    /// the round is computed, counted and logged.)
+    pub async fn migration_round(&self) -> Vec<(u32, u32, Vec<u64>)> {
+        let plan = self.inner.runtime.plan_migration();
+        self.inner
+            .shadows
+            .feed(PolicyKind::Migration, ShadowInput::Plan, ShadowAnswer::Plan(plan.value.clone()), || self.inner.runtime.fleet());
+        let mut out = Vec::new();
+        for pair in plan.value {
+            let link = read(&self.inner.instances)
+                .get(&pair.source)
+                .map(|e| e.link.clone());
+            let Some(link) = link else { continue };
+            let candidates = link.candidates().await;
+            let chosen = self.inner.runtime.choose_migrations(pair, &candidates).value;
+            if !chosen.is_empty() {
+                self.inner.metrics.migrations("planned", chosen.len() as u64);
+                tracing::info!(
+                    source = pair.source,
+                    destination = pair.destination,
+                    requests = ?chosen,
+                    "migration round: requests chosen to move"
+                );
+            }
+            out.push((pair.source, pair.destination, chosen));
+        }
+        out
+    }
+
+    /// One scaling round: ask the policy, clamp to the configured bounds,
+    /// start or drain instances, and stop drained ones that are empty.
+    pub fn scaling_round(&self) {
+        let decision = self.inner.runtime.decide_scaling();
+        self.inner.shadows.feed(
+            PolicyKind::Scaling,
+            ShadowInput::Scaling,
+            ShadowAnswer::Scaling(decision.value),
+            || self.inner.runtime.fleet(),
+        );
+        let (serving, total) = {
+            let instances = read(&self.inner.instances);
+            (
+                instances.values().filter(|e| !e.draining).count(),
+                instances.len(),
+            )
+        };
+        match decision.value {
+            ScalingDecision::Hold => {}
+            ScalingDecision::ScaleUp(n) => {
+                let room = self.inner.config.max_instances.saturating_sub(total);
+                for _ in 0..(n as usize).min(room) {
+                    match self.add_local_instance() {
+                        Ok(id) => {
+                            self.inner.metrics.scaling("scale_up");
+                            tracing::info!(instance = id, "scaled up");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "scale-up failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            ScalingDecision::Drain(id) => {
+                if serving > self.inner.config.min_instances && self.drain(id) {
+                    self.inner.metrics.scaling("drain");
+                    tracing::info!(instance = id, "draining");
+                }
+            }
+        }
+        // Stop drained instances that are empty.
+        let fleet = self.inner.runtime.fleet();
+        let empty: Vec<u32> = read(&self.inner.instances)
+            .iter()
+            .filter(|(id, e)| {
+                e.draining
+                    && fleet
+                        .get(**id)
+                        .is_some_and(|l| l.draining && l.running == 0 && l.waiting == 0)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in empty {
+            self.remove_instance(id);
+            self.inner.metrics.scaling("stopped");
+        }
+    }
+
+    /// Chooses an instance for `meta` and hands it `job`; tries again
+    /// elsewhere when the chosen instance has gone.
+    fn place(
+        &self,
+        meta: &RequestMeta,
+        job: &Assignment,
+    ) -> Result<(u32, mpsc::UnboundedReceiver<InstanceEvent>, String), ServeError> {
+        let mut refused = HashSet::new();
+        for _ in 0..4 {
+            let decision = self.inner.runtime.dispatch(meta);
+            self.inner.shadows.feed(
+                PolicyKind::Dispatch,
+                ShadowInput::Dispatch(*meta),
+                ShadowAnswer::Dispatch(decision.value),
+                || self.inner.runtime.fleet(),
+            );
+            let Some(target) = decision.value else {
+                break;
+            };
+            let link = {
+                let instances = read(&self.inner.instances);
+                instances
+                    .get(&target)
+                    .filter(|e| !e.draining)
+                    .map(|e| e.link.clone())
+            };
+            let link = match link {
+                Some(l) if !refused.contains(&target) => l,
+                _ => {
+                    // The fleet view lags the instance table: pick any
+                    // serving instance rather than fail the request.
+                    let instances = read(&self.inner.instances);
+                    match instances
+                        .iter()
+                        .find(|(id, e)| !e.draining && !refused.contains(*id))
+                    {
+                        Some((_, e)) => e.link.clone(),
+                        None => break,
+                    }
+                }
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            match link.assign(job.clone(), tx) {
+                Ok(()) => return Ok((target, rx, label(&decision.source))),
+                Err(e) => {
+                    tracing::warn!(instance = target, error = %e, "instance refused a request");
+                    refused.insert(target);
+                    if e.code == ErrorCode::Unavailable {
+                        self.remove_instance(target);
+                    }
+                }
+            }
+        }
+        Err(ServeError::new(
+            ErrorCode::Unavailable,
+            "no instance accepts requests now",
+        ))
+    }
+
+    fn journal(&self, request: u64, event: JournalEvent) {
+        if let Err(e) = self.inner.store.journal(request, &event) {
+            tracing::error!(request, error = %e, "writing the request journal");
+        }
+    }
+}
+
+impl Inner {
+    fn on_load(&self, load: InstanceLoad) {
+        // Late snapshots of a removed instance must not bring it back.
+        let draining = match read(&self.instances).get(&load.instance) {
+            Some(e) => e.draining,
+            None => return,
+        };
+        let mut load = load;
+        load.draining |= draining;
+        // The runtime records it in the snapshot history (sled, batched).
+        self.runtime.observe(load);
+        {
+            *self
+                .stored_snapshots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(load.instance)
+                .or_default() += 1;
+        }
+        self.metrics.set_instance_load(&load);
+    }
+}
+
+/// Marks a point in a joined instance's loads as coming from `id`.
+pub fn relabel(mut load: InstanceLoad, id: u32) -> InstanceLoad {
+    load.instance = id;
+    load
+}
+
+fn prefix_hash(tokens: &[u32]) -> u64 {
+    // FNV-1a over the first 32 tokens: equal prefixes, equal hashes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for t in tokens.iter().take(32) {
+        for b in t.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Serving for Manager {
+    fn submit(&self, request: GenerateRequest) -> Result<Generation, ServeError> {
+        let result = self.submit_inner(request);
+        if let Err(e) = &result {
+            self.inner.metrics.request_rejected(e.code);
+        }
+        result
+    }
+
+    fn model_name(&self) -> String {
+        self.inner.config.model_name.clone()
+    }
+
+    fn metrics_text(&self) -> String {
+        let policies: Vec<SlotStatus> = PolicyKind::ALL
+            .iter()
+            .map(|&k| self.inner.runtime.status(k))
+            .collect();
+        self.inner.metrics.render(&policies)
+    }
+}
+
+impl Manager {
+    fn submit_inner(&self, request: GenerateRequest) -> Result<Generation, ServeError> {
+        request.validate()?;
+        let prompt = self.inner.codec.encode(&request.input)?;
+        let max_len = self.inner.config.max_model_len;
+        if prompt.len() + request.max_tokens as usize > max_len {
+            return Err(ServeError::new(
+                ErrorCode::PromptTooLong,
+                format!(
+                    "prompt of {} tokens plus max_tokens {} exceeds the model's limit of {max_len} tokens",
+                    prompt.len(),
+                    request.max_tokens
+                ),
+            ));
+        }
+        let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let arrival_us = clock::now_us();
+        let mut meta = RequestMeta {
+            id,
+            prompt_tokens: prompt.len() as u32,
+            max_tokens: request.max_tokens,
+            requested_priority: request.priority,
+            priority: request.priority,
+            prefix_hash: prefix_hash(&prompt),
+            arrival_us,
+        };
+        let priority = self.inner.runtime.assign_priority(&meta);
+        self.inner.shadows.feed(
+            PolicyKind::Priority,
+            ShadowInput::Priority(meta),
+            ShadowAnswer::Priority(priority.value),
+            || self.inner.runtime.fleet(),
+        );
+        meta.priority = priority.value.priority;
+        let mut stop_token_ids = request.stop_token_ids.clone();
+        if !request.ignore_eos {
+            stop_token_ids.extend(self.inner.codec.eos());
+        }
+        let job = Assignment {
+            request_id: id,
+            prompt,
+            generated: Vec::new(),
+            max_tokens: request.max_tokens,
+            temperature: request.temperature,
+            top_p: request.top_p,
+            seed: request.seed,
+            stop_token_ids,
+            priority: meta.priority,
+            headroom_blocks: priority.value.headroom_blocks,
+        };
+        let (instance, events, decided_by) = self.place(&meta, &job)?;
+        self.journal(
+            id,
+            JournalEvent::Accepted {
+                at_us: arrival_us,
+                prompt_tokens: meta.prompt_tokens,
+                max_tokens: meta.max_tokens,
+                priority: request.priority,
+            },
+        );
+        self.journal(
+            id,
+            JournalEvent::Dispatched {
+                at_us: clock::now_us(),
+                instance,
+                decided_by,
+            },
+        );
+        self.inner.metrics.request_accepted();
+        self.inner.accepted.fetch_add(1, Ordering::Relaxed);
+        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        let (client_tx, client_rx) = mpsc::unbounded_channel();
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        let relay = Relay {
+            manager: self.clone(),
+            meta,
+            job,
+            instance,
+            events,
+            client: client_tx,
+            cancel: cancel_rx,
+            stop: request.stop,
+            decoder: self.inner.codec.decoder(),
+            pending: String::new(),
+            next_index: 0,
+            first_token_us: None,
+            last_token_us: None,
+            queue_us: 0,
+            moves: 0,
+        };
+        tokio::spawn(relay.run());
+        Ok(Generation {
+            request_id: id,
+            events: client_rx,
+            cancel: CancelOnDrop::new(move || {
+                let _ = cancel_tx.send(());
+            }),
+        })
+    }
+}
+
+/// One request's way from its instance(s) to its client.
+struct Relay {
+    manager: Manager,
+    meta: RequestMeta,
+    /// The request as an instance runs it; `generated` grows with every
+    /// token so that a re-dispatch resumes where it was.
+    job: Assignment,
+    instance: u32,
+    events: mpsc::UnboundedReceiver<InstanceEvent>,
+    client: mpsc::UnboundedSender<GenerateEvent>,
+    cancel: oneshot::Receiver<()>,
+    stop: Vec<String>,
+    decoder: crate::model::TextDecoder,
+    /// Decoded text not yet sent (held back while it could be the start of
+    /// a stop string).
+    pending: String,
+    next_index: u32,
+    first_token_us: Option<u64>,
+    last_token_us: Option<u64>,
+    queue_us: u64,
+    moves: u32,
+}
+
+enum Outcome {
+    Finished(FinishReason),
+    Failed(ServeError),
+    Cancelled,
+}
+
+impl Relay {
+    async fn run(mut self) {
+        let outcome = self.pump().await;
+        let inner = &self.manager.inner;
+        let now = clock::now_us();
+        let journal_outcome = match &outcome {
+            Outcome::Finished(FinishReason::Length) => JournalOutcome::Length,
+            Outcome::Finished(FinishReason::Stop) => JournalOutcome::Stop,
+            Outcome::Cancelled => JournalOutcome::Cancelled,
+            Outcome::Failed(_) => JournalOutcome::Failed,
+        };
+        match outcome {
+            Outcome::Finished(reason) => {
+                let tail = self.pending.clone() + &self.decoder.finish();
+                if !tail.is_empty() {
+                    let _ = self.client.send(GenerateEvent::Tokens(TokenChunk {
+                        index: self.next_index,
+                        ids: Vec::new(),
+                        text: tail,
+                    }));
+                }
+                let arrival = self.meta.arrival_us;
+                let record = FinishRecord {
+                    request_id: self.meta.id,
+                    reason,
+                    prompt_tokens: self.meta.prompt_tokens,
+                    completion_tokens: self.next_index,
+                    queue_us: self.queue_us,
+                    ttft_us: self.first_token_us.map_or(0, |t| t - arrival),
+                    total_us: now - arrival,
+                    instance: self.instance,
+                    moves: self.moves,
+                };
+                inner.metrics.request_finished(reason.as_str());
+                inner.metrics.observe_e2e(record.total_us as f64 / 1e6);
+                inner.metrics.observe_queue(record.queue_us as f64 / 1e6);
+                inner
+                    .metrics
+                    .observe_tokens(u64::from(record.prompt_tokens), u64::from(record.completion_tokens));
+                let _ = self.client.send(GenerateEvent::Finished(record));
+            }
+            Outcome::Failed(e) => {
+                inner.metrics.request_finished("failed");
+                let _ = self.client.send(GenerateEvent::Error(e));
+            }
+            Outcome::Cancelled => inner.metrics.request_finished("cancelled"),
+        }
+        self.manager.journal(
+            self.meta.id,
+            JournalEvent::Finished {
+                at_us: now,
+                completion_tokens: self.next_index,
+                outcome: journal_outcome,
+            },
+        );
+        inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn pump(&mut self) -> Outcome {
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = self.client.closed() => return Outcome::Cancelled,
+                _ = &mut self.cancel => return Outcome::Cancelled,
+                e = self.events.recv() => e,
+            };
+            match event {
+                Some(InstanceEvent::Token { index, id }) => {
+                    if index < self.next_index {
+                        continue; // already delivered (from an earlier placement)
+                    }
+                    if index > self.next_index {
+                        return Outcome::Failed(ServeError::new(
+                            ErrorCode::Internal,
+                            format!(
+                                "instance {} skipped output tokens {}..{index}",
+                                self.instance, self.next_index
+                            ),
+                        ));
+                    }
+                    if let Some(reason) = self.token(id) {
+                        return Outcome::Finished(reason);
+                    }
+                }
+                Some(InstanceEvent::Finished { reason, queue_us, .. }) => {
+                    self.queue_us = queue_us;
+                    return Outcome::Finished(reason);
+                }
+                Some(InstanceEvent::Failed(e)) if e.code != ErrorCode::Unavailable => {
+                    return Outcome::Failed(e)
+                }
+                Some(InstanceEvent::Failed(_)) | None => {
+                    // The instance is gone. A request whose last token was
+                    // its last is done; any other is placed again, from its
+                    // prompt and the tokens it already produced.
+                    if self.next_index >= self.job.max_tokens {
+                        return Outcome::Finished(FinishReason::Length);
+                    }
+                    if self
+                        .job
+                        .generated
+                        .last()
+                        .is_some_and(|t| self.job.stop_token_ids.contains(t))
+                    {
+                        return Outcome::Finished(FinishReason::Stop);
+                    }
+                    if let Err(e) = self.replace() {
+                        return Outcome::Failed(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles output token `next_index`; `Some` when a stop string ends
+    /// the request here.
+    fn token(&mut self, id: u32) -> Option<FinishReason> {
+        let inner = &self.manager.inner;
+        let now = clock::now_us();
+        match self.last_token_us {
+            None => {
+                self.first_token_us = Some(now);
+                inner
+                    .metrics
+                    .observe_ttft((now - self.meta.arrival_us) as f64 / 1e6);
+            }
+            Some(last) => inner.metrics.observe_inter_token((now - last) as f64 / 1e6),
+        }
+        self.last_token_us = Some(now);
+        let index = self.next_index;
+        self.next_index += 1;
+        self.job.generated.push(id);
+        let text = inner.codec.push(&mut self.decoder, id);
+        self.pending.push_str(&text);
+        let mut finished = None;
+        let mut emit_to = self.pending.len();
+        if !self.stop.is_empty() {
+            if let Some(at) = self
+                .stop
+                .iter()
+                .filter_map(|s| self.pending.find(s.as_str()))
+                .min()
+            {
+                emit_to = at;
+                finished = Some(FinishReason::Stop);
+            } else {
+                // Hold back what could still become a stop string.
+                let keep = self.stop.iter().map(|s| s.len() - 1).max().unwrap_or(0);
+                emit_to = self.pending.len().saturating_sub(keep);
+                while !self.pending.is_char_boundary(emit_to) {
+                    emit_to -= 1;
+                }
+            }
+        }
+        let text: String = self.pending.drain(..emit_to).collect();
+        if finished.is_some() {
+            self.pending.clear();
+        }
+        let _ = self.client.send(GenerateEvent::Tokens(TokenChunk {
+            index,
+            ids: vec![id],
+            text,
+        }));
+        finished
+    }
+
+    fn replace(&mut self) -> Result<(), ServeError> {
+        self.moves += 1;
+        if self.moves > self.manager.inner.config.max_moves {
+            return Err(ServeError::new(
+                ErrorCode::Unavailable,
+                format!("request lost its instance {} times", self.moves),
+            ));
+        }
+        self.manager.inner.metrics.redispatched(1);
+        tracing::warn!(
+            request = self.meta.id,
+            lost = self.instance,
+            tokens = self.next_index,
+            "instance lost; placing the request again"
+        );
+        let (instance, events, decided_by) = self.manager.place(&self.meta, &self.job)?;
+        self.manager.journal(
+            self.meta.id,
+            JournalEvent::Dispatched {
+                at_us: clock::now_us(),
+                instance,
+                decided_by,
+            },
+        );
+        self.instance = instance;
+        self.events = events;
+        Ok(())
+    }
+}

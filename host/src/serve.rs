@@ -1,0 +1,255 @@
+//! `llumen serve`: assembles a manager with N in-process instances, the
+//! sled store, the policy runtime (defaults from the policy directory, or
+//! the versions recorded active in sled), the QUIC endpoint (clients,
+//! admin, joining instances) and the HTTP endpoint (OpenAI API, metrics).
+//!
+//! Owns start-up and shutdown order and the serve configuration (flags and
+//! the TOML file). Must never hold serving logic of its own.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use llumen_engine::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::admin::Admin;
+use crate::llumlet::Llumlet;
+use crate::manager::{InstanceLink, LocalFactory, Manager, ManagerConfig};
+use crate::metrics::Metrics;
+use crate::model::{InstanceShape, LoadedModel, ModelChoice};
+use crate::policy::{PolicyRuntime, RuntimeConfig, StoreHistory};
+use crate::server::{run_quic, ServerContext};
+use crate::tls;
+
+/// Everything `llumen serve` can be told, from flags or `--config FILE`
+/// (TOML, the same names in snake_case; flags override the file).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    pub instances: usize,
+    /// `auto`, `tiny`, `smollm2` or a .gguf path.
+    pub model: String,
+    pub listen: SocketAddr,
+    /// HTTP address (OpenAI API, /metrics); empty string = no HTTP.
+    pub http: String,
+    pub data_dir: Option<PathBuf>,
+    /// KV blocks per instance (default: by model).
+    pub blocks: Option<usize>,
+    pub block_size: usize,
+    /// Bounds of the scaling round (default: `instances` for both, i.e. a
+    /// fixed fleet).
+    pub min_instances: Option<usize>,
+    pub max_instances: Option<usize>,
+    pub migration_period_ms: u64,
+    pub scaling_period_ms: u64,
+    /// The component each kind starts on (`<name>.wasm` in the policy dirs).
+    pub default_policy: String,
+    pub policy_dir: Option<PathBuf>,
+    /// Deadline of one policy call.
+    pub policy_deadline_ms: u64,
+    /// How often buffered snapshots and journal events go to disk.
+    pub flush_period_ms: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            instances: 2,
+            model: "auto".into(),
+            listen: "127.0.0.1:7878".parse().unwrap(),
+            http: "127.0.0.1:8080".into(),
+            data_dir: None,
+            blocks: None,
+            block_size: 16,
+            min_instances: None,
+            max_instances: None,
+            migration_period_ms: 1000,
+            scaling_period_ms: 5000,
+            default_policy: "llumnix".into(),
+            policy_dir: None,
+            policy_deadline_ms: 50,
+            flush_period_ms: 1000,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// What a started server tells its caller (printed as one JSON line).
+#[derive(Clone, Debug, Serialize)]
+pub struct Ready {
+    pub event: &'static str,
+    pub quic: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub cert: PathBuf,
+    pub fingerprint: String,
+    pub token_file: PathBuf,
+    pub model: String,
+    pub instances: Vec<u32>,
+    pub policies: Vec<String>,
+}
+
+/// Runs the server until `shutdown` completes; `ready` is called once it
+/// listens.
+pub async fn run_serve(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    ready: impl FnOnce(&Ready),
+) -> Result<()> {
+    let data_dir = config
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::client::default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    let (identity, _created) = tls::load_or_create_identity(&data_dir)?;
+    let token = tls::load_or_create_token(&data_dir)?;
+    let store = Arc::new(
+        llumen_store::Store::open(data_dir.join("store"))
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+    );
+    let runtime_config = RuntimeConfig {
+        call_deadline: Duration::from_millis(config.policy_deadline_ms.max(1)),
+        ..RuntimeConfig::default()
+    };
+    let runtime = Arc::new(
+        PolicyRuntime::with_history(
+            runtime_config,
+            &config.default_policy,
+            Arc::new(StoreHistory::new(store.clone())),
+        )
+        .context("starting the policy runtime")?,
+    );
+
+    let choice: ModelChoice = config.model.parse().map_err(anyhow::Error::msg)?;
+    let model = Arc::new(LoadedModel::load(&choice).map_err(anyhow::Error::msg)?);
+    let mut shape = model.default_shape();
+    if let Some(b) = config.blocks {
+        shape.num_blocks = b;
+    }
+    shape.block_size = config.block_size;
+    let max_model_len = model.max_model_len(&shape);
+    anyhow::ensure!(max_model_len > 0, "instances of {shape:?} hold no tokens");
+
+    let factory: LocalFactory = {
+        let model = model.clone();
+        let shape: InstanceShape = shape.clone();
+        Box::new(move |id, sink| {
+            let engine = Engine::new(model.scheduler_config(&shape), model.backend(&shape)?)
+                .map_err(|e| e.to_string())?;
+            let llumlet = Llumlet::spawn(id, engine, sink).map_err(|e| e.to_string())?;
+            Ok(Arc::new(llumlet) as Arc<dyn InstanceLink>)
+        })
+    };
+    let manager_config = ManagerConfig {
+        model_name: model.name.clone(),
+        max_model_len,
+        migration_period: Duration::from_millis(config.migration_period_ms.max(10)),
+        scaling_period: Duration::from_millis(config.scaling_period_ms.max(10)),
+        min_instances: config.min_instances.unwrap_or(config.instances),
+        max_instances: config.max_instances.unwrap_or(config.instances),
+        max_moves: 8,
+    };
+    let manager = Manager::new(
+        manager_config,
+        runtime,
+        store.clone(),
+        Arc::new(Metrics::new()),
+        model.codec.clone(),
+        Some(factory),
+    );
+    let admin = Arc::new(Admin::new(manager.clone()));
+    let dirs = match &config.policy_dir {
+        Some(d) => vec![d.clone()],
+        None => crate::admin::default_policy_dirs(),
+    };
+    let policies = {
+        let admin = admin.clone();
+        let default = config.default_policy.clone();
+        tokio::task::spawn_blocking(move || admin.restore(&default, &dirs)).await?
+    };
+    let mut instances = Vec::new();
+    for _ in 0..config.instances {
+        instances.push(manager.add_local_instance().map_err(anyhow::Error::msg)?);
+    }
+
+    let endpoint = tls::server_endpoint(config.listen, &identity)?;
+    let quic_addr = endpoint.local_addr()?;
+    let http = if config.http.is_empty() {
+        None
+    } else {
+        let addr: SocketAddr = config
+            .http
+            .parse()
+            .with_context(|| format!("--http {:?} is not an address", config.http))?;
+        Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding HTTP on {addr}"))?,
+        )
+    };
+    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
+
+    let ctx = Arc::new(ServerContext {
+        manager: manager.clone(),
+        admin,
+        token,
+    });
+    let quic_task = tokio::spawn(run_quic(endpoint.clone(), ctx));
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http_task = http.map(|listener| {
+        let serving: Arc<dyn crate::api::Serving> = Arc::new(manager.clone());
+        tokio::spawn(crate::http::serve_http(listener, serving, async move {
+            let _ = http_stopped.await;
+        }))
+    });
+    manager.start_rounds();
+    {
+        let manager = manager.clone();
+        let period = Duration::from_millis(config.flush_period_ms.max(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let m = manager.clone();
+                let _ = tokio::task::spawn_blocking(move || m.flush()).await;
+            }
+        });
+    }
+
+    ready(&Ready {
+        event: "ready",
+        quic: quic_addr,
+        http: http_addr,
+        cert: data_dir.join(tls::CERT_FILE),
+        token_file: data_dir.join(tls::TOKEN_FILE),
+        data_dir: data_dir.clone(),
+        fingerprint: identity.fingerprint.clone(),
+        model: model.name.clone(),
+        instances,
+        policies,
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    endpoint.close(0u32.into(), b"server shutting down");
+    let _ = http_stop.send(());
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    quic_task.abort();
+    let m = manager.clone();
+    tokio::task::spawn_blocking(move || m.shutdown()).await?;
+    Ok(())
+}

@@ -1,0 +1,396 @@
+//! The manager's QUIC endpoint (`llumen/1`): client request streams, admin
+//! streams and joining instances, plus [`RemoteLink`], the manager's side of
+//! a joined instance.
+//!
+//! Owns turning streams into manager calls and back: the first frame of a
+//! stream says what it is. A stream with a bad frame gets a typed `Error`
+//! frame and is closed; the connection and every other stream carry on.
+//! Must never decide anything (the manager and the policies do) nor parse
+//! bytes itself (the codec in [`crate::protocol`] does).
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::admin::{Admin, AdminCommand};
+use crate::api::{ErrorCode, GenerateEvent, ServeError, Serving};
+use crate::llumlet::{EventSender, InstanceEvent};
+use crate::manager::{relabel, InstanceLink, Manager};
+use crate::protocol::{self, Assignment, Frame, FrameDecoder, MAX_REQUEST_FRAME};
+use crate::tls;
+use crate::wire::{write_frame, FrameReader, WireError};
+
+/// What the endpoint serves.
+pub struct ServerContext {
+    pub manager: Manager,
+    pub admin: Arc<Admin>,
+    pub token: String,
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn run_quic(endpoint: quinn::Endpoint, ctx: Arc<ServerContext>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, ctx).await,
+                Err(e) => tracing::debug!(error = %e, "handshake failed"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) {
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let ctx = ctx.clone();
+                let conn = conn.clone();
+                tokio::spawn(async move { serve_stream(conn, send, recv, ctx).await });
+            }
+            Err(e) => {
+                tracing::debug!(remote = %conn.remote_address(), error = %e, "connection ended");
+                return;
+            }
+        }
+    }
+}
+
+async fn reply_error(send: &mut quinn::SendStream, error: ServeError) {
+    let _ = write_frame(send, &Frame::Error(error)).await;
+    let _ = send.finish();
+}
+
+async fn serve_stream(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    ctx: Arc<ServerContext>,
+) {
+    let decoder =
+        FrameDecoder::new(protocol::MAX_ADMIN_FRAME).with_kind_limit(protocol::limit_by_kind);
+    let mut reader = FrameReader::with_decoder(recv, decoder);
+    let first = match reader.next().await {
+        Ok(Some(f)) => f,
+        Ok(None) => return,
+        Err(WireError::Decode(e)) => {
+            reader.stop(1);
+            return reply_error(&mut send, e.to_serve_error()).await;
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "stream failed before its first frame");
+            return;
+        }
+    };
+    match first {
+        Frame::Generate(request) => serve_generate(&ctx, send, reader, request).await,
+        Frame::Admin {
+            token,
+            command_json,
+            blob,
+        } => {
+            let result = if !tls::token_matches(&ctx.token, &token) {
+                Err(ServeError::new(
+                    ErrorCode::Unauthorized,
+                    "wrong or missing admin token",
+                ))
+            } else {
+                match serde_json::from_str::<AdminCommand>(&command_json) {
+                    Err(e) => Err(ServeError::new(
+                        ErrorCode::Malformed,
+                        format!("admin command: {e}"),
+                    )),
+                    Ok(command) => {
+                        let admin = ctx.admin.clone();
+                        tokio::task::spawn_blocking(move || admin.handle(command, &blob))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Err(ServeError::new(ErrorCode::Internal, e.to_string()))
+                            })
+                    }
+                }
+            };
+            match result {
+                Ok(json) => {
+                    let _ = write_frame(
+                        &mut send,
+                        &Frame::AdminReply {
+                            json: json.to_string(),
+                        },
+                    )
+                    .await;
+                    let _ = send.finish();
+                }
+                Err(e) => reply_error(&mut send, e).await,
+            }
+        }
+        Frame::Join(info) => serve_join(&ctx, conn, send, reader, info).await,
+        other => {
+            reply_error(
+                &mut send,
+                ServeError::new(
+                    ErrorCode::Malformed,
+                    format!(
+                        "a stream must start with generate, admin or join, not {}",
+                        other.name()
+                    ),
+                ),
+            )
+            .await
+        }
+    }
+}
+
+async fn serve_generate(
+    ctx: &ServerContext,
+    mut send: quinn::SendStream,
+    mut reader: FrameReader,
+    request: crate::api::GenerateRequest,
+) {
+    let mut generation = match ctx.manager.submit(request) {
+        Ok(g) => g,
+        Err(e) => return reply_error(&mut send, e).await,
+    };
+    // The client keeps its side open while it waits: a reset of it (or any
+    // frame after the request) cancels; a clean finish changes nothing.
+    let mut client_open = true;
+    loop {
+        tokio::select! {
+            event = generation.events.recv() => {
+                let Some(event) = event else { break };
+                let (frame, last) = match event {
+                    GenerateEvent::Tokens(c) => (Frame::Tokens(c), false),
+                    GenerateEvent::Finished(f) => (Frame::Finished(f), true),
+                    GenerateEvent::Error(e) => (Frame::Error(e), true),
+                };
+                if write_frame(&mut send, &frame).await.is_err() {
+                    return; // the client stopped reading: dropping `generation` cancels
+                }
+                if last {
+                    generation.cancel.disarm();
+                    let _ = send.finish();
+                    return;
+                }
+            }
+            more = reader.next(), if client_open => match more {
+                Ok(None) => client_open = false,
+                Ok(Some(f)) => {
+                    return reply_error(&mut send, ServeError::new(
+                        ErrorCode::Malformed,
+                        format!("unexpected {} frame after the request", f.name()),
+                    )).await;
+                }
+                Err(_) => return, // reset by the client: cancel
+            },
+        }
+    }
+}
+
+async fn serve_join(
+    ctx: &ServerContext,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut reader: FrameReader,
+    info: protocol::JoinInfo,
+) {
+    if !tls::token_matches(&ctx.token, &info.token) {
+        return reply_error(
+            &mut send,
+            ServeError::new(ErrorCode::Unauthorized, "wrong or missing admin token"),
+        )
+        .await;
+    }
+    if info.model != ctx.manager.model_name() {
+        return reply_error(
+            &mut send,
+            ServeError::new(
+                ErrorCode::InvalidParameter,
+                format!(
+                    "this manager serves {}, the instance runs {}",
+                    ctx.manager.model_name(),
+                    info.model
+                ),
+            ),
+        )
+        .await;
+    }
+    let id = ctx.manager.next_instance_id();
+    if write_frame(&mut send, &Frame::Welcome { instance: id })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    ctx.manager.register(id, Arc::new(RemoteLink { conn: conn.clone() }));
+    let sink = ctx.manager.load_sink();
+    loop {
+        match reader.next().await {
+            Ok(Some(Frame::Load(load))) => sink(relabel(load, id)),
+            Ok(Some(other)) => {
+                tracing::warn!(instance = id, frame = other.name(), "unexpected frame on an instance's control stream");
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    tracing::warn!(instance = id, "joined instance disconnected");
+    ctx.manager.remove_instance(id);
+    conn.close(0u32.into(), b"control stream ended");
+}
+
+/// The manager's side of a joined instance: each request is one stream the
+/// manager opens; the instance streams tokens back on it.
+pub struct RemoteLink {
+    conn: quinn::Connection,
+}
+
+impl InstanceLink for RemoteLink {
+    fn assign(&self, job: Assignment, events: EventSender) -> Result<(), ServeError> {
+        if let Some(reason) = self.conn.close_reason() {
+            return Err(ServeError::new(
+                ErrorCode::Unavailable,
+                format!("instance connection closed: {reason}"),
+            ));
+        }
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            let request = job.request_id;
+            if let Err(e) = run_assignment(conn, job, events).await {
+                // Dropping `events` tells the relay to place it again.
+                tracing::warn!(request, error = %e, "assignment stream to a joined instance failed");
+            }
+        });
+        Ok(())
+    }
+
+    fn set_draining(&self, _draining: bool) {
+        // The manager marks the loads it receives from this instance.
+    }
+
+    fn candidates(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<llumen_policy_logic::MigrationCandidate>> + Send + '_>>
+    {
+        Box::pin(async { Vec::new() })
+    }
+
+    fn stop(&self) {
+        self.conn.close(0u32.into(), b"removed from the fleet");
+    }
+
+    fn kind(&self) -> &'static str {
+        "remote"
+    }
+}
+
+async fn run_assignment(
+    conn: quinn::Connection,
+    job: Assignment,
+    events: EventSender,
+) -> Result<(), String> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, &Frame::Assign(job))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
+    loop {
+        tokio::select! {
+            _ = events.closed() => {
+                // Cancelled or moved: tell the instance to drop it.
+                let _ = send.reset(1u32.into());
+                reader.stop(1);
+                return Ok(());
+            }
+            frame = reader.next() => match frame.map_err(|e| e.to_string())? {
+                Some(Frame::Tokens(chunk)) => {
+                    for (k, &id) in chunk.ids.iter().enumerate() {
+                        let _ = events.send(InstanceEvent::Token { index: chunk.index + k as u32, id });
+                    }
+                }
+                Some(Frame::Finished(f)) => {
+                    let _ = events.send(InstanceEvent::Finished {
+                        reason: f.reason,
+                        output_tokens: f.completion_tokens,
+                        queue_us: f.queue_us,
+                    });
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                Some(Frame::Error(e)) => {
+                    let _ = events.send(InstanceEvent::Failed(e));
+                    return Ok(());
+                }
+                Some(other) => return Err(format!("unexpected {} frame from an instance", other.name())),
+                None => return Err("the instance ended the stream early".into()),
+            }
+        }
+    }
+}
+
+/// The instance side of an assignment stream (used by `llumen instance`).
+pub async fn serve_assignment(
+    llumlet: Arc<crate::llumlet::Llumlet>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
+    let job = match reader.next().await {
+        Ok(Some(Frame::Assign(job))) => job,
+        Ok(_) => {
+            return reply_error(
+                &mut send,
+                ServeError::new(ErrorCode::Malformed, "expected an assign frame"),
+            )
+            .await
+        }
+        Err(e) => {
+            if let WireError::Decode(d) = e {
+                reply_error(&mut send, d.to_serve_error()).await;
+            }
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Err(e) = llumlet.assign(job, tx) {
+        return reply_error(&mut send, e).await;
+    }
+    let mut manager_open = true;
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let (frame, last) = match event {
+                    Some(InstanceEvent::Token { index, id }) => (
+                        Frame::Tokens(crate::api::TokenChunk { index, ids: vec![id], text: String::new() }),
+                        false,
+                    ),
+                    Some(InstanceEvent::Finished { reason, output_tokens, queue_us }) => (
+                        Frame::Finished(crate::api::FinishRecord {
+                            request_id: 0,
+                            reason,
+                            prompt_tokens: 0,
+                            completion_tokens: output_tokens,
+                            queue_us,
+                            ttft_us: 0,
+                            total_us: 0,
+                            instance: llumlet.instance(),
+                            moves: 0,
+                        }),
+                        true,
+                    ),
+                    Some(InstanceEvent::Failed(e)) => (Frame::Error(e), true),
+                    None => (Frame::Error(ServeError::new(ErrorCode::Unavailable, "instance stopped")), true),
+                };
+                if write_frame(&mut send, &frame).await.is_err() {
+                    return; // dropping rx aborts the request
+                }
+                if last {
+                    let _ = send.finish();
+                    return;
+                }
+            }
+            more = reader.next(), if manager_open => match more {
+                Ok(None) => manager_open = false,
+                _ => return, // reset by the manager: dropping rx aborts
+            },
+        }
+    }
+}
