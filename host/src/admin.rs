@@ -166,7 +166,10 @@ impl Admin {
             _ => {
                 return Err(ServeError::new(
                     ErrorCode::InvalidParameter,
-                    format!("{} installed policies match {prefix:?}: give more digits", matches.len()),
+                    format!(
+                        "{} installed policies match {prefix:?}: give more digits",
+                        matches.len()
+                    ),
                 ))
             }
         };
@@ -182,11 +185,17 @@ impl Admin {
             .store()
             .get_policy(&sha)
             .map_err(internal)?
-            .ok_or_else(|| ServeError::new(ErrorCode::NotFound, format!("policy {sha} vanished")))?;
+            .ok_or_else(|| {
+                ServeError::new(ErrorCode::NotFound, format!("policy {sha} vanished"))
+            })?;
         self.install(&stored.wasm)
     }
 
-    fn candidate(&self, sha: &Option<String>, blob: &[u8]) -> Result<Arc<CompiledPolicy>, ServeError> {
+    fn candidate(
+        &self,
+        sha: &Option<String>,
+        blob: &[u8],
+    ) -> Result<Arc<CompiledPolicy>, ServeError> {
         match (sha, blob.is_empty()) {
             (_, false) => self.install(blob),
             (Some(sha), true) => self.registered(sha),
@@ -199,7 +208,9 @@ impl Admin {
 
     /// Makes `policy` active for `kind` in the runtime, then in sled.
     fn activate(&self, kind: PolicyKind, policy: Arc<CompiledPolicy>) -> Result<(), ServeError> {
-        self.runtime().swap(kind, policy.clone()).map_err(rejected)?;
+        self.runtime()
+            .swap(kind, policy.clone())
+            .map_err(rejected)?;
         self.store()
             .set_active(kind.as_str(), &policy.sha256)
             .map_err(internal)?;
@@ -224,7 +235,9 @@ impl Admin {
                         notes.push(format!("{kind}: {} (restored from the registry)", p.label));
                         continue;
                     }
-                    Err(e) => notes.push(format!("{kind}: stored version {sha} failed to load: {e}")),
+                    Err(e) => {
+                        notes.push(format!("{kind}: stored version {sha} failed to load: {e}"))
+                    }
                 }
             }
             let file = dirs
@@ -234,7 +247,10 @@ impl Admin {
             let Some(file) = file else {
                 notes.push(format!(
                     "{kind}: builtin {default_policy} (no {default_policy}.wasm in {})",
-                    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                    dirs.iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
                 continue;
             };
@@ -249,7 +265,10 @@ impl Admin {
                     }
                 }) {
                 Ok(Some(p)) => notes.push(format!("{kind}: {} from {}", p.label, file.display())),
-                Ok(None) => notes.push(format!("{kind}: builtin ({} has no {kind})", file.display())),
+                Ok(None) => notes.push(format!(
+                    "{kind}: builtin ({} has no {kind})",
+                    file.display()
+                )),
                 Err(e) => notes.push(format!("{kind}: builtin ({}: {e})", file.display())),
             }
         }
@@ -257,13 +276,21 @@ impl Admin {
     }
 
     /// Runs one command.
-    pub fn handle(&self, command: AdminCommand, blob: &[u8]) -> Result<serde_json::Value, ServeError> {
+    pub fn handle(
+        &self,
+        command: AdminCommand,
+        blob: &[u8],
+    ) -> Result<serde_json::Value, ServeError> {
         let json = |v: serde_json::Result<serde_json::Value>| v.map_err(internal);
         match command {
             AdminCommand::Status => json(serde_json::to_value(self.manager.status())),
             AdminCommand::PolicyList => {
-                let actives: BTreeMap<String, String> =
-                    self.store().actives().map_err(internal)?.into_iter().collect();
+                let actives: BTreeMap<String, String> = self
+                    .store()
+                    .actives()
+                    .map_err(internal)?
+                    .into_iter()
+                    .collect();
                 let mut out = Vec::new();
                 for (sha, meta) in self.store().list_policies().map_err(internal)? {
                     let active_for: Vec<&String> = actives
@@ -282,13 +309,21 @@ impl Admin {
                 }
                 let history: BTreeMap<&str, Vec<String>> = PolicyKind::ALL
                     .iter()
-                    .map(|k| (k.as_str(), self.store().history(k.as_str()).unwrap_or_default()))
+                    .map(|k| {
+                        (
+                            k.as_str(),
+                            self.store().history(k.as_str()).unwrap_or_default(),
+                        )
+                    })
                     .collect();
                 Ok(serde_json::json!({ "policies": out, "active": actives, "history": history }))
             }
             AdminCommand::PolicyInstall => {
                 if blob.is_empty() {
-                    return Err(ServeError::new(ErrorCode::InvalidParameter, "no component given"));
+                    return Err(ServeError::new(
+                        ErrorCode::InvalidParameter,
+                        "no component given",
+                    ));
                 }
                 let p = self.install(blob)?;
                 Ok(serde_json::json!({
@@ -305,7 +340,11 @@ impl Admin {
                         format!(
                             "{} does not implement the {kind} world (it implements: {})",
                             p.label,
-                            p.kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                            p.kinds
+                                .iter()
+                                .map(|k| k.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     ));
                 }
@@ -318,13 +357,23 @@ impl Admin {
             }
             AdminCommand::PolicyRollback { kind } => {
                 let kind = parse_kind(&kind)?;
-                let sha = self.store().history(kind.as_str()).map_err(internal)?.pop().ok_or_else(|| {
-                    ServeError::new(ErrorCode::NotFound, format!("no earlier {kind} policy to roll back to"))
-                })?;
+                let sha = self
+                    .store()
+                    .history(kind.as_str())
+                    .map_err(internal)?
+                    .pop()
+                    .ok_or_else(|| {
+                        ServeError::new(
+                            ErrorCode::NotFound,
+                            format!("no earlier {kind} policy to roll back to"),
+                        )
+                    })?;
                 let p = self.registered(&sha)?;
                 self.runtime().swap(kind, p.clone()).map_err(rejected)?;
                 self.store().rollback(kind.as_str()).map_err(internal)?;
-                Ok(serde_json::json!({ "kind": kind.as_str(), "active": &*p.sha256, "name": &*p.name }))
+                Ok(
+                    serde_json::json!({ "kind": kind.as_str(), "active": &*p.sha256, "name": &*p.name }),
+                )
             }
             AdminCommand::PolicyShadow { kind, sha256, stop } => {
                 let kind = parse_kind(&kind)?;
@@ -335,18 +384,40 @@ impl Admin {
                     return json(serde_json::to_value(report));
                 }
                 let p = self.candidate(&sha256, blob)?;
-                self.manager.shadows().start(kind, p.clone()).map_err(rejected)?;
-                Ok(serde_json::json!({ "kind": kind.as_str(), "shadow": &*p.sha256, "name": &*p.name }))
+                self.manager
+                    .shadows()
+                    .start(kind, p.clone())
+                    .map_err(rejected)?;
+                Ok(
+                    serde_json::json!({ "kind": kind.as_str(), "shadow": &*p.sha256, "name": &*p.name }),
+                )
             }
-            AdminCommand::PolicyReplay { kind, sha256, from_us, to_us, limit } => {
+            AdminCommand::PolicyReplay {
+                kind,
+                sha256,
+                from_us,
+                to_us,
+                limit,
+            } => {
                 let kind = parse_kind(&kind)?;
                 if from_us > to_us {
-                    return Err(ServeError::new(ErrorCode::InvalidParameter, "--from is after --to"));
+                    return Err(ServeError::new(
+                        ErrorCode::InvalidParameter,
+                        "--from is after --to",
+                    ));
                 }
                 let p = self.candidate(&sha256, blob)?;
                 self.manager.flush();
-                let report = replay(self.runtime(), self.store(), &p, kind, from_us, to_us, limit)
-                    .map_err(|e| ServeError::new(ErrorCode::InvalidParameter, e))?;
+                let report = replay(
+                    self.runtime(),
+                    self.store(),
+                    &p,
+                    kind,
+                    from_us,
+                    to_us,
+                    limit,
+                )
+                .map_err(|e| ServeError::new(ErrorCode::InvalidParameter, e))?;
                 json(serde_json::to_value(report))
             }
         }
@@ -395,7 +466,9 @@ pub fn replay(
     if !policy.kinds.contains(&kind) {
         return Err(format!("{} does not implement {kind}", policy.label));
     }
-    let mut live = runtime.instantiate(policy, kind).map_err(|e| e.to_string())?;
+    let mut live = runtime
+        .instantiate(policy, kind)
+        .map_err(|e| e.to_string())?;
     // Start from each instance's last snapshot before the window.
     let mut fleet = Fleet::new();
     for instance in store.instances().map_err(|e| e.to_string())? {
@@ -425,15 +498,21 @@ pub fn replay(
     let mut questions: Vec<(u64, Option<u64>, Question, Option<String>)> = Vec::new();
     match kind {
         PolicyKind::Dispatch | PolicyKind::Priority => {
-            for d in store.dispatches_between(from_us, to_us).map_err(|e| e.to_string())? {
+            for d in store
+                .dispatches_between(from_us, to_us)
+                .map_err(|e| e.to_string())?
+            {
                 let accepted = store
                     .journal_events(d.request)
                     .map_err(|e| e.to_string())?
                     .into_iter()
                     .find_map(|e| match e {
-                        JournalEvent::Accepted { at_us, prompt_tokens, max_tokens, priority } => {
-                            Some((at_us, prompt_tokens, max_tokens, priority))
-                        }
+                        JournalEvent::Accepted {
+                            at_us,
+                            prompt_tokens,
+                            max_tokens,
+                            priority,
+                        } => Some((at_us, prompt_tokens, max_tokens, priority)),
                         _ => None,
                     });
                 let Some((arrival_us, prompt_tokens, max_tokens, priority)) = accepted else {
@@ -465,7 +544,11 @@ pub fn replay(
             for s in &snapshots {
                 if last != Some(s.timestamp_us / 100_000) {
                     last = Some(s.timestamp_us / 100_000);
-                    let q = if kind == PolicyKind::Migration { Question::Plan } else { Question::Scaling };
+                    let q = if kind == PolicyKind::Migration {
+                        Question::Plan
+                    } else {
+                        Question::Scaling
+                    };
                     questions.push((s.timestamp_us, None, q, None));
                 }
             }
@@ -502,12 +585,20 @@ pub fn replay(
             }
             Err(f) => {
                 report.failed += 1;
-                live = runtime.instantiate(policy, kind).map_err(|e| e.to_string())?;
+                live = runtime
+                    .instantiate(policy, kind)
+                    .map_err(|e| e.to_string())?;
                 (format!("failed: {f}"), None)
             }
         };
         if report.listed.len() < limit {
-            report.listed.push(ReplayedDecision { at_us, request, recorded, replayed, agrees });
+            report.listed.push(ReplayedDecision {
+                at_us,
+                request,
+                recorded,
+                replayed,
+                agrees,
+            });
         }
     }
     Ok(report)

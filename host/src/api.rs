@@ -103,7 +103,9 @@ impl GenerateRequest {
             ));
         }
         if self.stop.len() > MAX_STOPS || self.stop_token_ids.len() > MAX_STOPS {
-            return invalid(format!("at most {MAX_STOPS} stop strings and {MAX_STOPS} stop token ids"));
+            return invalid(format!(
+                "at most {MAX_STOPS} stop strings and {MAX_STOPS} stop token ids"
+            ));
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return invalid("stop strings must not be empty".into());

@@ -83,7 +83,10 @@ impl Client {
     }
 
     /// Sends a request; tokens stream back through the returned stream.
-    pub async fn generate(&self, request: &GenerateRequest) -> Result<GenerationStream, ClientError> {
+    pub async fn generate(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<GenerationStream, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
         write_frame(&mut send, &Frame::Generate(request.clone())).await?;
         Ok(GenerationStream {
@@ -117,7 +120,9 @@ impl Client {
                 "unexpected {} frame in an admin reply",
                 other.name()
             ))),
-            None => Err(ClientError::Protocol("the server sent no admin reply".into())),
+            None => Err(ClientError::Protocol(
+                "the server sent no admin reply".into(),
+            )),
         }
     }
 

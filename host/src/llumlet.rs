@@ -17,9 +17,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use llumen_engine::{
-    DetachedSequence, Engine, ModelBackend, Request, SamplingParams, SeqEvent,
-};
+use llumen_engine::{DetachedSequence, Engine, ModelBackend, Request, SamplingParams, SeqEvent};
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 

@@ -57,7 +57,11 @@ impl Conn {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
     }
     async fn connect(&self) -> Result<Client> {
-        let trust = trust_from(&self.data_dir(), self.cert.clone(), self.fingerprint.clone());
+        let trust = trust_from(
+            &self.data_dir(),
+            self.cert.clone(),
+            self.fingerprint.clone(),
+        );
         Client::connect(self.addr, &trust)
             .await
             .with_context(|| format!("connecting to llumen at {}", self.addr))
@@ -121,7 +125,16 @@ impl ServeFlags {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
-        set!(instances, model, listen, http, migration_period_ms, scaling_period_ms, default_policy, policy_deadline_ms);
+        set!(
+            instances,
+            model,
+            listen,
+            http,
+            migration_period_ms,
+            scaling_period_ms,
+            default_policy,
+            policy_deadline_ms
+        );
         if self.data_dir.is_some() {
             c.data_dir = self.data_dir;
         }
@@ -314,7 +327,8 @@ fn time_arg(t: &str) -> Result<u64> {
         let secs: f64 = secs.parse().with_context(|| format!("bad time {t:?}"))?;
         Ok(now.saturating_sub((secs * 1e6) as u64))
     } else {
-        t.parse().with_context(|| format!("bad time {t:?}: µs since the epoch or Ns ago"))
+        t.parse()
+            .with_context(|| format!("bad time {t:?}: µs since the epoch or Ns ago"))
     }
 }
 
@@ -356,14 +370,23 @@ async fn run(command: Command) -> Result<()> {
             })
             .await
         }
-        Command::Instance { join, conn, model, blocks } => {
+        Command::Instance {
+            join,
+            conn,
+            model,
+            blocks,
+        } => {
             let choice: ModelChoice = model.parse().map_err(anyhow::Error::msg)?;
             let model = LoadedModel::load(&choice).map_err(anyhow::Error::msg)?;
             let mut shape = model.default_shape();
             if let Some(b) = blocks {
                 shape.num_blocks = b;
             }
-            let trust = trust_from(&conn.data_dir(), conn.cert.clone(), conn.fingerprint.clone());
+            let trust = trust_from(
+                &conn.data_dir(),
+                conn.cert.clone(),
+                conn.fingerprint.clone(),
+            );
             let token = conn.token()?;
             llumen_host::instance::run_instance(join, trust, token, model, shape, |id| {
                 eprintln!("llumen: joined {join} as instance {id}");
@@ -372,13 +395,22 @@ async fn run(command: Command) -> Result<()> {
             })
             .await
         }
-        Command::Generate { conn, max_tokens, priority, temperature, seed, raw, prompt } => {
+        Command::Generate {
+            conn,
+            max_tokens,
+            priority,
+            temperature,
+            seed,
+            raw,
+            prompt,
+        } => {
             let mut request = GenerateRequest::text(prompt.clone(), max_tokens);
             if !raw {
-                request.input = llumen_host::api::PromptInput::Chat(vec![llumen_host::api::ChatTurn {
-                    role: "user".into(),
-                    content: prompt,
-                }]);
+                request.input =
+                    llumen_host::api::PromptInput::Chat(vec![llumen_host::api::ChatTurn {
+                        role: "user".into(),
+                        content: prompt,
+                    }]);
             }
             request.priority = priority;
             request.temperature = temperature;
@@ -417,21 +449,39 @@ async fn run(command: Command) -> Result<()> {
             if json {
                 return print_json(&v);
             }
-            println!("model {}  up {:.0} s  requests in flight {} (total {})",
-                v["model"].as_str().unwrap_or("?"), v["uptime_s"].as_f64().unwrap_or(0.0),
-                v["requests_in_flight"], v["requests_total"]);
+            println!(
+                "model {}  up {:.0} s  requests in flight {} (total {})",
+                v["model"].as_str().unwrap_or("?"),
+                v["uptime_s"].as_f64().unwrap_or(0.0),
+                v["requests_in_flight"],
+                v["requests_total"]
+            );
             for i in v["instances"].as_array().into_iter().flatten() {
                 let l = &i["load"];
                 println!(
                     "instance {:>3} {:6} {}  blocks {}/{}  running {}  waiting {}  step {} µs",
-                    i["instance"], i["kind"].as_str().unwrap_or(""),
-                    if i["draining"].as_bool() == Some(true) { "draining" } else { "serving " },
-                    l["used_blocks"], l["total_blocks"], l["running"], l["waiting"], l["step_latency_us"]
+                    i["instance"],
+                    i["kind"].as_str().unwrap_or(""),
+                    if i["draining"].as_bool() == Some(true) {
+                        "draining"
+                    } else {
+                        "serving "
+                    },
+                    l["used_blocks"],
+                    l["total_blocks"],
+                    l["running"],
+                    l["waiting"],
+                    l["step_latency_us"]
                 );
             }
             for p in v["policies"].as_array().into_iter().flatten() {
                 let active = match p["active"].as_object() {
-                    Some(a) => format!("{} {}", a["name"].as_str().unwrap_or(""), &a["sha256"].as_str().unwrap_or("")[..12.min(a["sha256"].as_str().unwrap_or("").len())]),
+                    Some(a) => format!(
+                        "{} {}",
+                        a["name"].as_str().unwrap_or(""),
+                        &a["sha256"].as_str().unwrap_or("")
+                            [..12.min(a["sha256"].as_str().unwrap_or("").len())]
+                    ),
                     None => format!("builtin {}", p["builtin"].as_str().unwrap_or("")),
                 };
                 println!("policy {:9} {active}", p["kind"].as_str().unwrap_or(""));
@@ -439,7 +489,9 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Policy { command } => match command {
-            PolicyCommand::Pack { .. } | PolicyCommand::Inspect { .. } => unreachable!("handled before the runtime starts"),
+            PolicyCommand::Pack { .. } | PolicyCommand::Inspect { .. } => {
+                unreachable!("handled before the runtime starts")
+            }
             PolicyCommand::List { conn, json } => {
                 let v = admin(&conn, AdminCommand::PolicyList, &[]).await?;
                 if json {
@@ -451,7 +503,8 @@ async fn run(command: Command) -> Result<()> {
                         p["sha256"].as_str().unwrap_or(""),
                         p["name"].as_str().unwrap_or(""),
                         p["version"].as_str().unwrap_or(""),
-                        p["kinds"], p["active_for"]
+                        p["kinds"],
+                        p["active_for"]
                     );
                 }
                 Ok(())
@@ -460,22 +513,45 @@ async fn run(command: Command) -> Result<()> {
                 let bytes = llumen_host::admin::read_component(&file)?;
                 print_json(&admin(&conn, AdminCommand::PolicyInstall, &bytes).await?)
             }
-            PolicyCommand::Swap { conn, kind, target: t } => {
+            PolicyCommand::Swap {
+                conn,
+                kind,
+                target: t,
+            } => {
                 let (sha256, blob) = target(&t)?;
                 print_json(&admin(&conn, AdminCommand::PolicySwap { kind, sha256 }, &blob).await?)
             }
             PolicyCommand::Rollback { conn, kind } => {
                 print_json(&admin(&conn, AdminCommand::PolicyRollback { kind }, &[]).await?)
             }
-            PolicyCommand::Shadow { conn, kind, target: t, stop } => {
+            PolicyCommand::Shadow {
+                conn,
+                kind,
+                target: t,
+                stop,
+            } => {
                 let (sha256, blob) = match (&t, stop) {
                     (Some(t), _) => target(t)?,
                     (None, true) => (None, Vec::new()),
                     (None, false) => bail!("give a component file or sha256, or --stop"),
                 };
-                print_json(&admin(&conn, AdminCommand::PolicyShadow { kind, sha256, stop }, &blob).await?)
+                print_json(
+                    &admin(
+                        &conn,
+                        AdminCommand::PolicyShadow { kind, sha256, stop },
+                        &blob,
+                    )
+                    .await?,
+                )
             }
-            PolicyCommand::Replay { conn, kind, target: t, from, to, limit } => {
+            PolicyCommand::Replay {
+                conn,
+                kind,
+                target: t,
+                from,
+                to,
+                limit,
+            } => {
                 let (sha256, blob) = target(&t)?;
                 let command = AdminCommand::PolicyReplay {
                     kind,

@@ -23,9 +23,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
-use llumen_policy_logic::{
-    InstanceLoad, MigrationCandidate, RequestMeta, ScalingDecision,
-};
+use llumen_policy_logic::{InstanceLoad, MigrationCandidate, RequestMeta, ScalingDecision};
 use llumen_store::{JournalEvent, JournalOutcome, Store};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -199,7 +197,9 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 fn label(source: &DecisionSource) -> String {
     match source {
-        DecisionSource::Active { name, sha256 } => format!("{name}@{}", &sha256[..8.min(sha256.len())]),
+        DecisionSource::Active { name, sha256 } => {
+            format!("{name}@{}", &sha256[..8.min(sha256.len())])
+        }
         DecisionSource::LastGood { name, sha256 } => {
             format!("last-good:{name}@{}", &sha256[..8.min(sha256.len())])
         }
@@ -224,7 +224,15 @@ impl Manager {
             .ok()
             .map(|ids| {
                 ids.into_iter()
-                    .map(|i| (i, store.recent(i, usize::MAX).map(|v| v.len() as u64).unwrap_or(0)))
+                    .map(|i| {
+                        (
+                            i,
+                            store
+                                .recent(i, usize::MAX)
+                                .map(|v| v.len() as u64)
+                                .unwrap_or(0),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -424,9 +432,12 @@ impl Manager {
     /// the round is computed, counted and logged.)
     pub async fn migration_round(&self) -> Vec<(u32, u32, Vec<u64>)> {
         let plan = self.inner.runtime.plan_migration();
-        self.inner
-            .shadows
-            .feed(PolicyKind::Migration, ShadowInput::Plan, ShadowAnswer::Plan(plan.value.clone()), || self.inner.runtime.fleet());
+        self.inner.shadows.feed(
+            PolicyKind::Migration,
+            ShadowInput::Plan,
+            ShadowAnswer::Plan(plan.value.clone()),
+            || self.inner.runtime.fleet(),
+        );
         let mut out = Vec::new();
         for pair in plan.value {
             let link = read(&self.inner.instances)
@@ -434,9 +445,15 @@ impl Manager {
                 .map(|e| e.link.clone());
             let Some(link) = link else { continue };
             let candidates = link.candidates().await;
-            let chosen = self.inner.runtime.choose_migrations(pair, &candidates).value;
+            let chosen = self
+                .inner
+                .runtime
+                .choose_migrations(pair, &candidates)
+                .value;
             if !chosen.is_empty() {
-                self.inner.metrics.migrations("planned", chosen.len() as u64);
+                self.inner
+                    .metrics
+                    .migrations("planned", chosen.len() as u64);
                 tracing::info!(
                     source = pair.source,
                     destination = pair.destination,
@@ -484,7 +501,12 @@ impl Manager {
                 }
             }
             ScalingDecision::Drain(id) => {
-                if serving > self.inner.config.min_instances && self.drain(id) {
+                // Only in-process instances are drained: a joined
+                // instance's life belongs to whoever started it.
+                let local = read(&self.inner.instances)
+                    .get(&id)
+                    .is_some_and(|e| e.link.kind() == "local");
+                if local && serving > self.inner.config.min_instances && self.drain(id) {
                     self.inner.metrics.scaling("drain");
                     tracing::info!(instance = id, "draining");
                 }
@@ -803,9 +825,10 @@ impl Relay {
                 inner.metrics.request_finished(reason.as_str());
                 inner.metrics.observe_e2e(record.total_us as f64 / 1e6);
                 inner.metrics.observe_queue(record.queue_us as f64 / 1e6);
-                inner
-                    .metrics
-                    .observe_tokens(u64::from(record.prompt_tokens), u64::from(record.completion_tokens));
+                inner.metrics.observe_tokens(
+                    u64::from(record.prompt_tokens),
+                    u64::from(record.completion_tokens),
+                );
                 let _ = self.client.send(GenerateEvent::Finished(record));
             }
             Outcome::Failed(e) => {
@@ -851,7 +874,9 @@ impl Relay {
                         return Outcome::Finished(reason);
                     }
                 }
-                Some(InstanceEvent::Finished { reason, queue_us, .. }) => {
+                Some(InstanceEvent::Finished {
+                    reason, queue_us, ..
+                }) => {
                     self.queue_us = queue_us;
                     return Outcome::Finished(reason);
                 }

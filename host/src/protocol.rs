@@ -78,10 +78,14 @@ pub enum Frame {
         blob: Vec<u8>,
     },
     /// The answer to an admin call, as JSON.
-    AdminReply { json: String },
+    AdminReply {
+        json: String,
+    },
     Join(JoinInfo),
     /// The manager's answer to `Join`: the instance's id.
-    Welcome { instance: u32 },
+    Welcome {
+        instance: u32,
+    },
     Load(InstanceLoad),
     Assign(Assignment),
 }
@@ -563,7 +567,9 @@ pub fn limit_by_kind(kind: u8) -> usize {
 pub fn decode(bytes: &[u8], max_frame: usize) -> Result<Frame, DecodeError> {
     let mut d = FrameDecoder::new(max_frame);
     d.push(bytes);
-    let frame = d.next_frame()?.ok_or(DecodeError::UnexpectedEnd(bytes.len()))?;
+    let frame = d
+        .next_frame()?
+        .ok_or(DecodeError::UnexpectedEnd(bytes.len()))?;
     if d.pending() > 0 {
         return Err(DecodeError::TrailingBytes(d.pending()));
     }
@@ -673,10 +679,7 @@ mod tests {
         let good = encode(&Frame::Welcome { instance: 1 });
         let mut v2 = good.clone();
         v2[4] = 2;
-        assert_eq!(
-            decode(&v2, 1024),
-            Err(DecodeError::UnsupportedVersion(2))
-        );
+        assert_eq!(decode(&v2, 1024), Err(DecodeError::UnsupportedVersion(2)));
         assert_eq!(
             decode(&v2, 1024).unwrap_err().to_serve_error().code,
             ErrorCode::UnsupportedVersion

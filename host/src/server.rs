@@ -221,13 +221,18 @@ async fn serve_join(
     {
         return;
     }
-    ctx.manager.register(id, Arc::new(RemoteLink { conn: conn.clone() }));
+    ctx.manager
+        .register(id, Arc::new(RemoteLink { conn: conn.clone() }));
     let sink = ctx.manager.load_sink();
     loop {
         match reader.next().await {
             Ok(Some(Frame::Load(load))) => sink(relabel(load, id)),
             Ok(Some(other)) => {
-                tracing::warn!(instance = id, frame = other.name(), "unexpected frame on an instance's control stream");
+                tracing::warn!(
+                    instance = id,
+                    frame = other.name(),
+                    "unexpected frame on an instance's control stream"
+                );
             }
             Ok(None) | Err(_) => break,
         }
@@ -268,8 +273,13 @@ impl InstanceLink for RemoteLink {
 
     fn candidates(
         &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<llumen_policy_logic::MigrationCandidate>> + Send + '_>>
-    {
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Vec<llumen_policy_logic::MigrationCandidate>>
+                + Send
+                + '_,
+        >,
+    > {
         Box::pin(async { Vec::new() })
     }
 

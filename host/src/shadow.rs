@@ -133,7 +133,11 @@ impl Shadows {
         let slot = slots.remove(&kind)?;
         self.any
             .store(!slots.is_empty(), std::sync::atomic::Ordering::Relaxed);
-        let report = slot.report.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let report = slot
+            .report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         Some(report)
     }
 

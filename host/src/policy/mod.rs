@@ -960,7 +960,11 @@ impl PolicyRuntime {
                 if fleet.len() < 2 {
                     return Ok(Answer::Plan(Vec::new()));
                 }
-                let pairs = live.plan()?.into_iter().map(bindings::pair_from_wit).collect();
+                let pairs = live
+                    .plan()?
+                    .into_iter()
+                    .map(bindings::pair_from_wit)
+                    .collect();
                 Answer::Plan(validate::plan(pairs, fleet)?)
             }
             Question::Scaling => Answer::Scaling(validate::scaling(

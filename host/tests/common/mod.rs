@@ -1,0 +1,202 @@
+//! Shared helpers of the end-to-end tests: a real `llumen serve` process
+//! (or `llumen instance`), the CLI, and a minimal HTTP/1.1 client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use llumen_host::client::{trust_from, Client};
+
+pub fn llumen() -> &'static str {
+    env!("CARGO_BIN_EXE_llumen")
+}
+
+/// The policy components built by scripts/build-policies.sh.
+pub fn policy_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/policies");
+    assert!(
+        dir.join("llumnix.wasm").is_file(),
+        "{} has no components: run scripts/build-policies.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A running `llumen serve`.
+pub struct Server {
+    pub child: Child,
+    pub ready: serde_json::Value,
+    pub data_dir: PathBuf,
+    stderr_log: PathBuf,
+}
+
+impl Server {
+    /// Starts `llumen serve --model tiny` on free ports in `data_dir`.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let stderr_log = data_dir.with_extension("stderr.log");
+        let log = std::fs::File::create(&stderr_log).unwrap();
+        let mut child = Command::new(llumen())
+            .args([
+                "serve",
+                "--model",
+                "tiny",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--policy-dir")
+            .arg(policy_dir())
+            .args(extra)
+            .env("LLUMEN_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("starting llumen serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!(
+                "llumen serve did not start ({e}): stdout {line:?}, stderr:\n{}",
+                std::fs::read_to_string(&stderr_log).unwrap_or_default()
+            )
+        });
+        assert_eq!(ready["event"], "ready");
+        Server {
+            child,
+            ready,
+            data_dir: data_dir.to_path_buf(),
+            stderr_log,
+        }
+    }
+
+    pub fn quic(&self) -> SocketAddr {
+        self.ready["quic"].as_str().unwrap().parse().unwrap()
+    }
+    pub fn http(&self) -> SocketAddr {
+        self.ready["http"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.quic(), &trust_from(&self.data_dir, None, None))
+            .await
+            .expect("connecting")
+    }
+
+    pub fn token(&self) -> String {
+        llumen_host::tls::read_token(&self.data_dir.join(llumen_host::tls::TOKEN_FILE)).unwrap()
+    }
+
+    /// Runs a `llumen` client command against this server.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(llumen());
+        cmd.args(args)
+            .arg("--addr")
+            .arg(self.quic().to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir);
+        cmd.output().expect("running llumen")
+    }
+
+    /// `llumen ARGS --json`, parsed; panics with stderr on failure.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "llumen {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "llumen {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// SIGTERM, then wait (the server flushes sled and exits).
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "llumen serve did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 exchange (`Connection: close`): status and body.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text[9..12].parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let Some((size, rest)) = s.split_once("\r\n") else {
+            break;
+        };
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// The `data:` payloads of an SSE body.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
