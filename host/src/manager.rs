@@ -201,7 +201,7 @@ fn label(source: &DecisionSource) -> String {
             format!("{name}@{}", &sha256[..8.min(sha256.len())])
         }
         DecisionSource::LastGood { name, sha256 } => {
-            format!("last-good:{name}@{}", &sha256[..8.min(sha256.len())])
+            format!("last-good:{name}@{}", &sha256[..12.min(sha256.len())])
         }
         DecisionSource::Builtin { name } => format!("builtin:{name}"),
     }
@@ -530,6 +530,38 @@ impl Manager {
         }
     }
 
+    /// One dispatch decision: the active dispatch policy's choice (fed to
+    /// a dispatch shadow if one runs), resolved to the instance's link. An
+    /// instance in `refused`, draining or already gone is replaced by any
+    /// serving one (the fleet view may lag the instance table). `None` when
+    /// no instance accepts requests.
+    pub fn choose_instance(
+        &self,
+        meta: &RequestMeta,
+        refused: &HashSet<u32>,
+    ) -> Option<(u32, Arc<dyn InstanceLink>, String)> {
+        let decision = self.inner.runtime.dispatch(meta);
+        self.inner.shadows.feed(
+            PolicyKind::Dispatch,
+            ShadowInput::Dispatch(*meta),
+            ShadowAnswer::Dispatch(decision.value),
+            || self.inner.runtime.fleet(),
+        );
+        let target = decision.value?;
+        let instances = read(&self.inner.instances);
+        let chosen = instances
+            .get(&target)
+            .filter(|e| !e.draining && !refused.contains(&target))
+            .map(|e| (target, e.link.clone()))
+            .or_else(|| {
+                instances
+                    .iter()
+                    .find(|(id, e)| !e.draining && !refused.contains(*id))
+                    .map(|(&id, e)| (id, e.link.clone()))
+            })?;
+        Some((chosen.0, chosen.1, label(&decision.source)))
+    }
+
     /// Chooses an instance for `meta` and hands it `job`; tries again
     /// elsewhere when the chosen instance has gone.
     fn place(
@@ -539,41 +571,12 @@ impl Manager {
     ) -> Result<(u32, mpsc::UnboundedReceiver<InstanceEvent>, String), ServeError> {
         let mut refused = HashSet::new();
         for _ in 0..4 {
-            let decision = self.inner.runtime.dispatch(meta);
-            self.inner.shadows.feed(
-                PolicyKind::Dispatch,
-                ShadowInput::Dispatch(*meta),
-                ShadowAnswer::Dispatch(decision.value),
-                || self.inner.runtime.fleet(),
-            );
-            let Some(target) = decision.value else {
+            let Some((target, link, decided_by)) = self.choose_instance(meta, &refused) else {
                 break;
-            };
-            let link = {
-                let instances = read(&self.inner.instances);
-                instances
-                    .get(&target)
-                    .filter(|e| !e.draining)
-                    .map(|e| e.link.clone())
-            };
-            let link = match link {
-                Some(l) if !refused.contains(&target) => l,
-                _ => {
-                    // The fleet view lags the instance table: pick any
-                    // serving instance rather than fail the request.
-                    let instances = read(&self.inner.instances);
-                    match instances
-                        .iter()
-                        .find(|(id, e)| !e.draining && !refused.contains(*id))
-                    {
-                        Some((_, e)) => e.link.clone(),
-                        None => break,
-                    }
-                }
             };
             let (tx, rx) = mpsc::unbounded_channel();
             match link.assign(job.clone(), tx) {
-                Ok(()) => return Ok((target, rx, label(&decision.source))),
+                Ok(()) => return Ok((target, rx, decided_by)),
                 Err(e) => {
                     tracing::warn!(instance = target, error = %e, "instance refused a request");
                     refused.insert(target);

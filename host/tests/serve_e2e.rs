@@ -547,3 +547,87 @@ async fn joined_instances_and_a_lost_one() {
         .await;
     assert!(server.stop().success());
 }
+
+/// The scaling round adds in-process instances under load and drains them
+/// (no new requests, stopped once empty) when the load is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_round_adds_and_drains_instances() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &[
+            "--instances",
+            "1",
+            "--min-instances",
+            "1",
+            "--max-instances",
+            "3",
+            "--scaling-period-ms",
+            "200",
+            "--blocks",
+            "64",
+        ],
+    );
+    let client = std::sync::Arc::new(server.client().await);
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .generate(&GenerateRequest::text(prompt(i).repeat(4), 300))
+                .await
+                .unwrap()
+                .collect()
+                .await
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        let c = t
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}\n{}", server.stderr()));
+        assert_eq!(c.tokens.len(), 300);
+    }
+    let metric = |body: &str, name: &str| -> u64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    let (_, body) = http(server.http(), "GET", "/metrics", "");
+    assert!(
+        metric(&body, "llumen_scaling_events_total{action=\"scale_up\"}") >= 1,
+        "no scale-up under load:\n{}",
+        server.stderr()
+    );
+    // Idle now: the extra instances drain and stop, down to the minimum.
+    let mut instances = usize::MAX;
+    for _ in 0..100 {
+        let status = server.cli_json(&["status", "--json"]);
+        instances = status["instances"].as_array().unwrap().len();
+        if instances == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(instances, 1, "{}", server.stderr());
+    let (_, body) = http(server.http(), "GET", "/metrics", "");
+    assert!(metric(&body, "llumen_scaling_events_total{action=\"stopped\"}") >= 1);
+    // The survivor still serves.
+    let ok = client
+        .generate(&GenerateRequest::text("after scaling", 8))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(ok.tokens.len(), 8);
+    std::sync::Arc::try_unwrap(client)
+        .ok()
+        .unwrap()
+        .close()
+        .await;
+    assert!(server.stop().success());
+}
