@@ -422,6 +422,79 @@ async fn bad_input_gets_typed_errors_and_the_server_keeps_serving() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(idle, "blocks were not freed after the cancellation");
+
+    // Shadow a candidate on live traffic, then replay one over the record.
+    let rr = std::fs::read(common::policy_dir().join("round-robin.wasm")).unwrap();
+    let started = client
+        .admin(
+            &token,
+            &AdminCommand::PolicyShadow {
+                kind: "dispatch".into(),
+                sha256: None,
+                stop: false,
+            },
+            &rr,
+        )
+        .await
+        .unwrap();
+    assert_eq!(started["name"], "round-robin");
+    for i in 0..3 {
+        client
+            .generate(&GenerateRequest::text(format!("shadowed {i}"), 4))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+    }
+    let mut report = serde_json::Value::Null;
+    for _ in 0..50 {
+        let status = client
+            .admin(&token, &AdminCommand::Status, &[])
+            .await
+            .unwrap();
+        if status["shadows"][0]["compared"].as_u64() >= Some(3) {
+            report = client
+                .admin(
+                    &token,
+                    &AdminCommand::PolicyShadow {
+                        kind: "dispatch".into(),
+                        sha256: None,
+                        stop: true,
+                    },
+                    &[],
+                )
+                .await
+                .unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(report["compared"].as_u64() >= Some(3), "{report}");
+    assert_eq!(
+        report["agreed"], report["compared"],
+        "one instance: both policies agree"
+    );
+    let infaas = std::fs::read(common::policy_dir().join("infaas.wasm")).unwrap();
+    let now = llumen_host::clock::now_us();
+    let replay = client
+        .admin(
+            &token,
+            &AdminCommand::PolicyReplay {
+                kind: "dispatch".into(),
+                sha256: None,
+                from_us: now - 600_000_000,
+                to_us: now + 1,
+                limit: 5,
+            },
+            &infaas,
+        )
+        .await
+        .unwrap();
+    assert_eq!(replay["policy"], "infaas");
+    assert!(replay["decisions"].as_u64() >= Some(5), "{replay}");
+    assert_eq!(replay["failed"], 0);
+    assert!(replay["snapshots"].as_u64() > Some(0), "{replay}");
     client.close().await;
     assert!(server.stop().success());
 }
