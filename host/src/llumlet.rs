@@ -63,6 +63,9 @@ pub struct Llumlet {
 
 /// How often an idle llumlet still publishes its load.
 const IDLE_PUBLISH: Duration = Duration::from_millis(500);
+/// Shortest gap between two snapshots of a busy instance whose request
+/// counts did not change.
+const MIN_PUBLISH_GAP: Duration = Duration::from_millis(5);
 
 impl Llumlet {
     /// Starts the step loop of `engine` as instance `instance` on its own
@@ -188,10 +191,18 @@ impl<B: ModelBackend> StepLoop<B> {
                 }
             }
             self.reap_cancelled();
+            let before = self.counts();
             if !self.live.is_empty() {
                 self.step();
             }
-            self.publish();
+            // A snapshot after every step that changed what policies see
+            // (requests running or waiting), else at most every
+            // `MIN_PUBLISH_GAP` (fast steps would flood the store).
+            if self.counts() != before
+                || clock::now_us() >= self.last_publish_us + MIN_PUBLISH_GAP.as_micros() as u64
+            {
+                self.publish();
+            }
         }
     }
 
@@ -378,6 +389,11 @@ impl<B: ModelBackend> StepLoop<B> {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        let s = self.engine.scheduler();
+        (s.num_running(), s.num_waiting())
     }
 
     fn publish(&mut self) {

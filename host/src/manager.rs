@@ -172,6 +172,9 @@ struct Inner {
     metrics: Arc<Metrics>,
     codec: Arc<TextCodec>,
     instances: RwLock<BTreeMap<u32, InstanceEntry>>,
+    /// Ids handed out and not removed: their snapshots are taken even
+    /// before `register` (an instance publishes as soon as it starts).
+    live_ids: RwLock<HashSet<u32>>,
     next_instance: AtomicU32,
     next_request: AtomicU64,
     in_flight: AtomicU64,
@@ -245,6 +248,7 @@ impl Manager {
                 metrics,
                 codec,
                 instances: RwLock::new(BTreeMap::new()),
+                live_ids: RwLock::new(HashSet::new()),
                 next_instance: AtomicU32::new(0),
                 // Request ids start at the clock (µs since the epoch) so ids
                 // stay unique in the journal across restarts.
@@ -286,7 +290,9 @@ impl Manager {
 
     /// Reserves the next instance id.
     pub fn next_instance_id(&self) -> u32 {
-        self.inner.next_instance.fetch_add(1, Ordering::Relaxed)
+        let id = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
+        write(&self.inner.live_ids).insert(id);
+        id
     }
 
     /// Starts one more in-process instance.
@@ -297,7 +303,13 @@ impl Manager {
             .as_ref()
             .ok_or("this manager cannot start in-process instances")?;
         let id = self.next_instance_id();
-        let link = factory(id, self.load_sink())?;
+        let link = match factory(id, self.load_sink()) {
+            Ok(link) => link,
+            Err(e) => {
+                write(&self.inner.live_ids).remove(&id);
+                return Err(e);
+            }
+        };
         self.register(id, link);
         Ok(id)
     }
@@ -318,6 +330,7 @@ impl Manager {
     /// Removes an instance: its requests' channels close and their relays
     /// place them again.
     pub fn remove_instance(&self, id: u32) {
+        write(&self.inner.live_ids).remove(&id);
         let entry = write(&self.inner.instances).remove(&id);
         if let Some(entry) = entry {
             entry.link.stop();
@@ -325,6 +338,11 @@ impl Manager {
             self.inner.metrics.remove_instance(id);
             tracing::info!(instance = id, "instance left");
         }
+    }
+
+    /// Instances the policies know a load of.
+    pub fn instances_reporting(&self) -> usize {
+        self.inner.runtime.fleet().len()
     }
 
     /// Instances now.
@@ -602,10 +620,12 @@ impl Manager {
 impl Inner {
     fn on_load(&self, load: InstanceLoad) {
         // Late snapshots of a removed instance must not bring it back.
-        let draining = match read(&self.instances).get(&load.instance) {
-            Some(e) => e.draining,
-            None => return,
-        };
+        if !read(&self.live_ids).contains(&load.instance) {
+            return;
+        }
+        let draining = read(&self.instances)
+            .get(&load.instance)
+            .is_some_and(|e| e.draining);
         let mut load = load;
         load.draining |= draining;
         // The runtime records it in the snapshot history (sled, batched).

@@ -50,8 +50,12 @@ pub struct ServeConfig {
     pub policy_dir: Option<PathBuf>,
     /// Deadline of one policy call.
     pub policy_deadline_ms: u64,
-    /// How often buffered snapshots and journal events go to disk.
+    /// How often buffered snapshots and journal events go to disk (a crash
+    /// loses at most this much of them).
     pub flush_period_ms: u64,
+    /// Snapshots and finished requests' journal entries older than this are
+    /// deleted (checked every minute).
+    pub retention_s: u64,
 }
 
 impl Default for ServeConfig {
@@ -72,6 +76,7 @@ impl Default for ServeConfig {
             policy_dir: None,
             policy_deadline_ms: 50,
             flush_period_ms: 1000,
+            retention_s: 7 * 24 * 3600,
         }
     }
 }
@@ -115,9 +120,12 @@ pub async fn run_serve(
         .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
     let (identity, _created) = tls::load_or_create_identity(&data_dir)?;
     let token = tls::load_or_create_token(&data_dir)?;
+    // Writes are flushed by the periodic task below, off the hot path; the
+    // batch limit only bounds memory between two flushes.
     let store = Arc::new(
         llumen_store::Store::open(data_dir.join("store"))
-            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?
+            .with_batch_size(1 << 16),
     );
     let runtime_config = RuntimeConfig {
         call_deadline: Duration::from_millis(config.policy_deadline_ms.max(1)),
@@ -184,6 +192,14 @@ pub async fn run_serve(
         instances.push(manager.add_local_instance().map_err(anyhow::Error::msg)?);
     }
 
+    // Ready means dispatchable: wait for every instance's first snapshot.
+    for _ in 0..500 {
+        if manager.instances_reporting() >= instances.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
     let endpoint = tls::server_endpoint(config.listen, &identity)?;
     let quic_addr = endpoint.local_addr()?;
     let http = if config.http.is_empty() {
@@ -218,12 +234,31 @@ pub async fn run_serve(
     {
         let manager = manager.clone();
         let period = Duration::from_millis(config.flush_period_ms.max(10));
+        let retention_us = config.retention_s.saturating_mul(1_000_000);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
+            let mut last_retention = 0u64;
             loop {
                 tick.tick().await;
                 let m = manager.clone();
-                let _ = tokio::task::spawn_blocking(move || m.flush()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    m.flush();
+                    let now = crate::clock::now_us();
+                    if now >= last_retention + 60_000_000 {
+                        let cutoff = now.saturating_sub(retention_us);
+                        if let Err(e) = m.store().retain_since(cutoff) {
+                            tracing::error!(error = %e, "snapshot retention");
+                        }
+                        if let Err(e) = m.store().retain_journal_since(cutoff) {
+                            tracing::error!(error = %e, "journal retention");
+                        }
+                    }
+                })
+                .await;
+                let now = crate::clock::now_us();
+                if now >= last_retention + 60_000_000 {
+                    last_retention = now;
+                }
             }
         });
     }
