@@ -1,16 +1,21 @@
 //! `llumen-bench`: llumen's benchmarks.
 //!
 //! Today: `policy-overhead` (the cost of a Wasm policy decision against the
-//! same logic compiled natively) and `engine` (decode/prefill throughput of
-//! one instance; measured latency profiles). The simulator (`sim`), the live driver
-//! (`live`) and the other micro benchmarks join it here.
+//! same logic compiled natively), `dispatch` (decisions per second through
+//! the global scheduler), `quic-overhead` (a request's round trip over
+//! llumen's QUIC API against a bare quinn echo) and `engine` (decode/prefill
+//! throughput of one instance; measured latency profiles). The simulator
+//! (`sim`), the live driver (`live`) and the other micro benchmarks join it
+//! here.
 //!
 //! Contract (see DESIGN.md): with `--json`, stdout is one JSON document with
 //! snake_case fields carrying their unit (`p50_ns`); human output goes to
 //! stderr.
 
+mod dispatch;
 mod engine_bench;
 mod policy_overhead;
+mod quic_overhead;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,6 +31,10 @@ struct Cli {
 enum Command {
     /// Wasm vs native cost of policy decisions at several fleet sizes.
     PolicyOverhead(policy_overhead::Args),
+    /// Dispatch decisions per second through the manager (Manager::choose_instance), Wasm vs native.
+    Dispatch(dispatch::Args),
+    /// QUIC round trip of a request: bare quinn echo, llumen framing, llumen serve.
+    QuicOverhead(quic_overhead::Args),
     /// Decode and prefill throughput of one engine instance; writes a measured latency profile.
     Engine(engine_bench::Args),
 }
@@ -33,6 +42,8 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::PolicyOverhead(args) => policy_overhead::run(&args),
+        Command::Dispatch(args) => dispatch::run(&args),
+        Command::QuicOverhead(args) => quic_overhead::run(&args),
         Command::Engine(args) => engine_bench::run(&args),
     }
 }

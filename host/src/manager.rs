@@ -160,8 +160,12 @@ pub struct StatusReport {
     pub requests_total: u64,
     pub instances: Vec<InstanceStatus>,
     pub policies: Vec<SlotStatus>,
-    /// Snapshots in sled per instance (buffered ones included).
+    /// Snapshots recorded in sled per instance since this start (buffered
+    /// ones included).
     pub stored_snapshots: BTreeMap<u32, u64>,
+    /// Requests the journal showed in flight when this manager started
+    /// (accepted, never finished: the previous run stopped under them).
+    pub interrupted_requests: Vec<u64>,
     pub shadows: Vec<crate::shadow::ShadowReport>,
 }
 
@@ -183,6 +187,7 @@ struct Inner {
     shadows: Shadows,
     started_us: u64,
     stored_snapshots: Mutex<BTreeMap<u32, u64>>,
+    interrupted: Vec<u64>,
 }
 
 /// The global scheduler. Cheap to clone.
@@ -222,23 +227,16 @@ impl Manager {
         factory: Option<LocalFactory>,
     ) -> Self {
         let started_us = clock::now_us();
-        let stored = store
-            .instances()
-            .ok()
-            .map(|ids| {
-                ids.into_iter()
-                    .map(|i| {
-                        (
-                            i,
-                            store
-                                .recent(i, usize::MAX)
-                                .map(|v| v.len() as u64)
-                                .unwrap_or(0),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let interrupted = store.in_flight().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading the request journal");
+            Vec::new()
+        });
+        if !interrupted.is_empty() {
+            tracing::warn!(
+                requests = interrupted.len(),
+                "the journal shows requests in flight when the last run stopped"
+            );
+        }
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -257,7 +255,8 @@ impl Manager {
                 accepted: AtomicU64::new(0),
                 factory,
                 started_us,
-                stored_snapshots: Mutex::new(stored),
+                stored_snapshots: Mutex::new(BTreeMap::new()),
+                interrupted,
             }),
         }
     }
@@ -330,12 +329,15 @@ impl Manager {
     /// Removes an instance: its requests' channels close and their relays
     /// place them again.
     pub fn remove_instance(&self, id: u32) {
-        write(&self.inner.live_ids).remove(&id);
+        let was_live = write(&self.inner.live_ids).remove(&id);
+        if was_live {
+            // No snapshot of `id` can be observed from here on.
+            self.inner.runtime.remove_instance(id);
+            self.inner.metrics.remove_instance(id);
+        }
         let entry = write(&self.inner.instances).remove(&id);
         if let Some(entry) = entry {
             entry.link.stop();
-            self.inner.runtime.remove_instance(id);
-            self.inner.metrics.remove_instance(id);
             tracing::info!(instance = id, "instance left");
         }
     }
@@ -413,6 +415,7 @@ impl Manager {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
             shadows: self.inner.shadows.reports(),
+            interrupted_requests: self.inner.interrupted.clone(),
         }
     }
 
@@ -619,8 +622,11 @@ impl Manager {
 
 impl Inner {
     fn on_load(&self, load: InstanceLoad) {
-        // Late snapshots of a removed instance must not bring it back.
-        if !read(&self.live_ids).contains(&load.instance) {
+        // Late snapshots of a removed instance must not bring it back: the
+        // id check and the observe happen under the same read lock, and
+        // removal takes the write lock before forgetting the instance.
+        let live = read(&self.live_ids);
+        if !live.contains(&load.instance) {
             return;
         }
         let draining = read(&self.instances)
@@ -639,6 +645,7 @@ impl Inner {
                 .or_default() += 1;
         }
         self.metrics.set_instance_load(&load);
+        drop(live);
     }
 }
 

@@ -211,6 +211,7 @@ async fn serve_swap_status_sled_restart_and_openai_client() {
     let status = server.cli_json(&["status", "--json"]);
     assert_eq!(active_sha(&status, "dispatch"), rr_sha);
     assert_eq!(active_sha(&status, "scaling"), llumnix_sha);
+    assert_eq!(status["interrupted_requests"], serde_json::json!([]));
     // And rollback walks back to llumnix, durably.
     let back = server.cli_json(&["policy", "rollback", "dispatch"]);
     assert_eq!(back["active"], llumnix_sha.as_str());
