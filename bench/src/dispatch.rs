@@ -105,20 +105,7 @@ impl InstanceLink for BenchLink {
     }
 }
 
-/// SplitMix64.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u32) -> u32 {
-        (self.next() % u64::from(n.max(1))) as u32
-    }
-}
+use crate::rng::Rng;
 
 /// A plausible snapshot of a busy instance (SmolLM2-sized KV cache).
 fn load(rng: &mut Rng, instance: u32, t: u64) -> InstanceLoad {
@@ -258,7 +245,13 @@ fn build(
     bytes: &[u8],
     loads: &[InstanceLoad],
 ) -> Result<(Fleet, Option<Arc<llumen_host::policy::CompiledPolicy>>)> {
-    let store = Arc::new(llumen_store::Store::temporary().context("a temporary store")?);
+    // As `llumen serve` configures it: appends only buffer; the server's
+    // periodic task flushes (off the decision path), so no flush is timed.
+    let store = Arc::new(
+        llumen_store::Store::temporary()
+            .context("a temporary store")?
+            .with_batch_size(1 << 20),
+    );
     let runtime = Arc::new(PolicyRuntime::with_history(
         RuntimeConfig::default(),
         "llumnix",

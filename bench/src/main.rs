@@ -16,6 +16,7 @@ mod dispatch;
 mod engine_bench;
 mod policy_overhead;
 mod quic_overhead;
+mod rng;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

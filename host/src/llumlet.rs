@@ -332,13 +332,13 @@ impl<B: ModelBackend> StepLoop<B> {
                 for event in report.events {
                     match event {
                         SeqEvent::Token { seq, token, index } => {
-                            let info = self.engine.scheduler().sequence(seq);
                             if let Some(l) = self.live.get_mut(&seq) {
                                 if l.queue_us.is_none() {
-                                    l.queue_us = info.and_then(|s| {
-                                        s.first_scheduled_us
-                                            .map(|f| f.saturating_sub(s.enqueued_us))
-                                    });
+                                    l.queue_us =
+                                        self.engine.scheduler().sequence(seq).and_then(|s| {
+                                            s.first_scheduled_us
+                                                .map(|f| f.saturating_sub(s.enqueued_us))
+                                        });
                                 }
                                 if l.events
                                     .send(InstanceEvent::Token { index, id: token })

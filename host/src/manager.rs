@@ -206,7 +206,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 fn label(source: &DecisionSource) -> String {
     match source {
         DecisionSource::Active { name, sha256 } => {
-            format!("{name}@{}", &sha256[..8.min(sha256.len())])
+            format!("{name}@{}", &sha256[..12.min(sha256.len())])
         }
         DecisionSource::LastGood { name, sha256 } => {
             format!("last-good:{name}@{}", &sha256[..12.min(sha256.len())])
@@ -422,20 +422,21 @@ impl Manager {
     /// Starts the periodic migration and scaling rounds on the current
     /// tokio runtime; they stop when the manager is dropped.
     pub fn start_rounds(&self) {
-        let weak = Arc::downgrade(&self.inner);
-        let period = self.inner.config.migration_period;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                Manager { inner }.migration_round().await;
-            }
+        self.every(self.inner.config.migration_period, |m| async move {
+            m.migration_round().await;
         });
+        self.every(self.inner.config.scaling_period, |m| async move {
+            m.scaling_round();
+        });
+    }
+
+    /// Runs `round` every `period` (not at once) while the manager lives.
+    fn every<F, Fut>(&self, period: Duration, round: F)
+    where
+        F: Fn(Manager) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
         let weak = Arc::downgrade(&self.inner);
-        let period = self.inner.config.scaling_period;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -443,7 +444,7 @@ impl Manager {
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
-                Manager { inner }.scaling_round();
+                round(Manager { inner }).await;
             }
         });
     }

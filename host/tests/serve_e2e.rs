@@ -42,6 +42,22 @@ fn active_sha(status: &serde_json::Value, kind: &str) -> String {
         .to_string()
 }
 
+/// Sends one request on a task of its own; its collected completion.
+fn spawn_generate(
+    client: &std::sync::Arc<llumen_host::client::Client>,
+    prompt: String,
+    max_tokens: u32,
+) -> tokio::task::JoinHandle<Result<llumen_host::client::Completion, ClientError>> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        client
+            .generate(&GenerateRequest::text(prompt, max_tokens))
+            .await?
+            .collect()
+            .await
+    })
+}
+
 fn prompt(i: usize) -> String {
     format!("request number {i}: tell me about scheduling")
 }
@@ -82,14 +98,7 @@ async fn serve_swap_status_sled_restart_and_openai_client() {
     let client = std::sync::Arc::new(server.client().await);
     let mut quic = Vec::new();
     for p in prompts.clone() {
-        let client = client.clone();
-        quic.push(tokio::spawn(async move {
-            let stream = client
-                .generate(&GenerateRequest::text(p, max_tokens))
-                .await
-                .unwrap();
-            stream.collect().await
-        }));
+        quic.push(spawn_generate(&client, p, max_tokens));
     }
     let http_addr = server.http();
     let mut web = Vec::new();
@@ -112,15 +121,7 @@ async fn serve_swap_status_sled_restart_and_openai_client() {
     assert_eq!(swap["active"], rr_sha.as_str());
     // Requests after the swap.
     for p in prompts.iter().take(4).cloned() {
-        let client = client.clone();
-        quic.push(tokio::spawn(async move {
-            client
-                .generate(&GenerateRequest::text(p, max_tokens))
-                .await
-                .unwrap()
-                .collect()
-                .await
-        }));
+        quic.push(spawn_generate(&client, p, max_tokens));
     }
     let mut outputs = Vec::new();
     for q in quic {
@@ -561,15 +562,7 @@ async fn joined_instances_and_a_lost_one() {
     let client = std::sync::Arc::new(client);
     let mut tasks = Vec::new();
     for p in prompts.clone() {
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            client
-                .generate(&GenerateRequest::text(p, max_tokens))
-                .await
-                .unwrap()
-                .collect()
-                .await
-        }));
+        tasks.push(spawn_generate(&client, p, max_tokens));
     }
     // Kill the first instance once it is generating.
     for _ in 0..200 {
@@ -645,15 +638,7 @@ async fn scaling_round_adds_and_drains_instances() {
     let client = std::sync::Arc::new(server.client().await);
     let mut tasks = Vec::new();
     for i in 0..12 {
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            client
-                .generate(&GenerateRequest::text(prompt(i).repeat(4), 300))
-                .await
-                .unwrap()
-                .collect()
-                .await
-        }));
+        tasks.push(spawn_generate(&client, prompt(i).repeat(4), 300));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for t in tasks {
