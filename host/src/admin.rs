@@ -57,6 +57,13 @@ pub enum AdminCommand {
         #[serde(default = "default_replay_limit")]
         limit: usize,
     },
+    /// Live-migrates one running request from `source` to `destination`
+    /// now (`request`, or the migration policy's pick).
+    Migrate {
+        source: u32,
+        destination: u32,
+        request: Option<u64>,
+    },
 }
 
 fn default_replay_limit() -> usize {
@@ -390,6 +397,19 @@ impl Admin {
                     .map_err(rejected)?;
                 Ok(
                     serde_json::json!({ "kind": kind.as_str(), "shadow": &*p.sha256, "name": &*p.name }),
+                )
+            }
+            AdminCommand::Migrate {
+                source,
+                destination,
+                request,
+            } => {
+                let manager = self.manager.clone();
+                let started = tokio::runtime::Handle::current().block_on(async move {
+                    manager.migrate_now(source, destination, request).await
+                })?;
+                Ok(
+                    serde_json::json!({ "started": started, "source": source, "destination": destination }),
                 )
             }
             AdminCommand::PolicyReplay {

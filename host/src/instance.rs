@@ -68,6 +68,8 @@ pub async fn run_instance(
         Box::new(move |load| {
             let _ = load_tx.send(load);
         }),
+        crate::llumlet::Routes::default(),
+        llumen_engine::MigrationConfig::default(),
     )?);
     let writer = tokio::spawn(async move {
         while let Some(mut load) = load_rx.recv().await {

@@ -16,6 +16,7 @@ pub mod instance;
 pub mod llumlet;
 pub mod manager;
 pub mod metrics;
+pub mod migration;
 pub mod model;
 pub mod policy;
 pub mod protocol;

@@ -1,7 +1,12 @@
 //! The llumlet: one instance's agent. It owns an [`Engine`] on a thread of
 //! its own, drives its step loop, streams each request's tokens to the
 //! request's channel, publishes a load snapshot after every step, and
-//! applies the manager's decisions (new requests, cancellations, draining).
+//! applies the manager's decisions (new requests, cancellations, draining,
+//! live migrations). It runs the engine's migration state machines on the
+//! same thread, between two steps: a [`SourceMigration`] per request leaving
+//! and one [`DestinationMigration`] for those coming in; their encoded
+//! messages travel through [`MigrationLink`]s (QUIC streams, see
+//! [`crate::migration`]).
 //!
 //! Invariants: every request handed to [`Llumlet::assign`] ends with exactly
 //! one `Finished` or `Failed` event, unless its receiver was dropped (then
@@ -10,14 +15,19 @@
 //!
 //! API boundary: the llumlet talks to the engine only through its public
 //! step/load API, and to the rest of the host only through channels and the
-//! snapshot callback. It never touches sockets, policies or sled.
+//! snapshot callback (migration messages leave as encoded bytes). It never
+//! touches sockets, policies or sled.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use llumen_engine::{DetachedSequence, Engine, ModelBackend, Request, SamplingParams, SeqEvent};
+use llumen_engine::{
+    DestinationEvent, DestinationMigration, DetachedSequence, Engine, MigrationConfig, MigrationId,
+    MigrationMessage, MigrationOutcome, ModelBackend, Request, SamplingParams, SeqEvent,
+    SourceMigration,
+};
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
@@ -37,8 +47,30 @@ pub enum InstanceEvent {
         /// Enqueued here → first scheduled, microseconds.
         queue_us: u64,
     },
-    /// The instance could not serve it (a clear reason; nothing follows).
+    /// The instance could not serve it (a clear reason; nothing follows
+    /// from it). `Unavailable`: the instance stopped or was lost; the
+    /// request is placed again.
     Failed(ServeError),
+    /// The request now runs on `instance` (a live migration committed);
+    /// its tokens continue from there.
+    Moved { instance: u32 },
+}
+
+/// Encoded migration messages to the other side of one migration.
+pub type MigrationLink = tmpsc::UnboundedSender<Vec<u8>>;
+
+/// Where each request's events go, for a request migrated in to continue
+/// its stream: request id → a weak sender to its relay (weak, so that a
+/// relay still learns of a lost instance from its channel closing).
+pub type Routes = Arc<Mutex<HashMap<u64, tmpsc::WeakUnboundedSender<InstanceEvent>>>>;
+
+/// How an outgoing migration ended, for the manager.
+#[derive(Clone, Debug)]
+pub enum MigrationReport {
+    /// The state machine ran to its end.
+    Ended(MigrationOutcome),
+    /// It could not start (request not running here, already migrating…).
+    NotStarted(String),
 }
 
 /// The sender half a request's events go to.
@@ -48,7 +80,75 @@ enum Command {
     Assign(Assignment, EventSender),
     SetDraining(bool),
     Candidates(oneshot::Sender<Vec<MigrationCandidate>>),
+    MigrateOut {
+        migration_id: MigrationId,
+        seq: u64,
+        link: MigrationLink,
+        done: oneshot::Sender<MigrationReport>,
+    },
+    FromDestination {
+        migration_id: MigrationId,
+        bytes: Vec<u8>,
+    },
+    LinkLost {
+        migration_id: MigrationId,
+    },
+    FromSource {
+        bytes: Vec<u8>,
+        reply: MigrationLink,
+    },
     Stop,
+}
+
+/// A cloneable way to post migration traffic into a llumlet.
+#[derive(Clone)]
+pub struct Mailbox {
+    instance: u32,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Mailbox {
+    pub fn instance(&self) -> u32 {
+        self.instance
+    }
+
+    /// Starts migrating request `seq` out; its messages go to `link`.
+    pub fn migrate_out(
+        &self,
+        migration_id: MigrationId,
+        seq: u64,
+        link: MigrationLink,
+    ) -> oneshot::Receiver<MigrationReport> {
+        let (done, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::MigrateOut {
+            migration_id,
+            seq,
+            link,
+            done,
+        });
+        rx
+    }
+
+    /// A message from the destination of an outgoing migration.
+    pub fn from_destination(&self, migration_id: MigrationId, bytes: Vec<u8>) {
+        let _ = self.commands.send(Command::FromDestination {
+            migration_id,
+            bytes,
+        });
+    }
+
+    /// The link of an outgoing migration broke.
+    pub fn link_lost(&self, migration_id: MigrationId) {
+        let _ = self.commands.send(Command::LinkLost { migration_id });
+    }
+
+    /// A message from the source of an incoming migration; replies go to
+    /// `reply`. False when the llumlet has stopped.
+    pub fn from_source(&self, bytes: Vec<u8>, reply: MigrationLink) -> bool {
+        self.commands
+            .send(Command::FromSource { bytes, reply })
+            .is_ok()
+    }
 }
 
 /// Called with every snapshot the llumlet publishes.
@@ -74,11 +174,13 @@ impl Llumlet {
         instance: u32,
         engine: Engine<B>,
         sink: LoadSink,
+        routes: Routes,
+        migration: MigrationConfig,
     ) -> std::io::Result<Self> {
         let (commands, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("llumlet-{instance}"))
-            .spawn(move || StepLoop::new(instance, engine, sink).run(rx))?;
+            .spawn(move || StepLoop::new(instance, engine, sink, routes, migration).run(rx))?;
         Ok(Self {
             instance,
             commands,
@@ -88,6 +190,14 @@ impl Llumlet {
 
     pub fn instance(&self) -> u32 {
         self.instance
+    }
+
+    /// Where migration traffic for this instance goes.
+    pub fn mailbox(&self) -> Mailbox {
+        Mailbox {
+            instance: self.instance,
+            commands: self.commands.clone(),
+        }
     }
 
     /// Queues a request; its events go to `events`. Fails when the llumlet
@@ -139,6 +249,12 @@ struct Live {
     queue_us: Option<u64>,
 }
 
+struct Outgoing {
+    sm: SourceMigration,
+    link: MigrationLink,
+    done: Option<oneshot::Sender<MigrationReport>>,
+}
+
 struct StepLoop<B: ModelBackend> {
     instance: u32,
     engine: Engine<B>,
@@ -146,10 +262,48 @@ struct StepLoop<B: ModelBackend> {
     live: HashMap<u64, Live>,
     draining: bool,
     last_publish_us: u64,
+    routes: Routes,
+    migration: MigrationConfig,
+    outgoing: HashMap<MigrationId, Outgoing>,
+    incoming: DestinationMigration,
+    /// Reply links of incoming migrations.
+    replies: HashMap<MigrationId, MigrationLink>,
+}
+
+impl<B: ModelBackend> Drop for StepLoop<B> {
+    /// However the loop ends (stopped, or a panic), every request still here
+    /// is told, so its relay places it again.
+    fn drop(&mut self) {
+        for (_, l) in self.live.drain() {
+            let _ = l.events.send(InstanceEvent::Failed(ServeError::new(
+                ErrorCode::Unavailable,
+                format!("instance {} stopped", self.instance),
+            )));
+        }
+        for (_, mut o) in self.outgoing.drain() {
+            if let Some(done) = o.done.take() {
+                let _ = done.send(MigrationReport::NotStarted(
+                    "the source instance stopped".into(),
+                ));
+            }
+        }
+    }
+}
+
+fn send_all(link: &MigrationLink, messages: Vec<MigrationMessage>) {
+    for m in messages {
+        let _ = link.send(m.encode());
+    }
 }
 
 impl<B: ModelBackend> StepLoop<B> {
-    fn new(instance: u32, engine: Engine<B>, sink: LoadSink) -> Self {
+    fn new(
+        instance: u32,
+        engine: Engine<B>,
+        sink: LoadSink,
+        routes: Routes,
+        migration: MigrationConfig,
+    ) -> Self {
         Self {
             instance,
             engine,
@@ -157,23 +311,46 @@ impl<B: ModelBackend> StepLoop<B> {
             live: HashMap::new(),
             draining: false,
             last_publish_us: 0,
+            routes,
+            incoming: DestinationMigration::new(migration.clone()),
+            migration,
+            outgoing: HashMap::new(),
+            replies: HashMap::new(),
         }
+    }
+
+    /// The next migration deadline, if any.
+    fn next_deadline(&self) -> Option<u64> {
+        self.outgoing
+            .values()
+            .filter_map(|o| o.sm.poll_timeout())
+            .chain(self.incoming.poll_timeout())
+            .min()
     }
 
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         self.publish();
         loop {
-            // Idle: block until something arrives (publishing a heartbeat
-            // snapshot now and then); busy: take what is there and step.
-            if self.live.is_empty() {
-                match rx.recv_timeout(IDLE_PUBLISH) {
+            // Nothing to step: block until a command arrives, a migration
+            // deadline passes, or it is time for a heartbeat snapshot.
+            if self.engine.scheduler().is_idle() {
+                let now = clock::now_us();
+                let mut wait = IDLE_PUBLISH;
+                if let Some(d) = self.next_deadline() {
+                    wait = wait.min(Duration::from_micros(d.saturating_sub(now)));
+                }
+                match rx.recv_timeout(wait) {
                     Ok(cmd) => {
                         if !self.apply(cmd) {
                             return;
                         }
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.publish();
+                        self.timeouts();
+                        if clock::now_us() >= self.last_publish_us + IDLE_PUBLISH.as_micros() as u64
+                        {
+                            self.publish();
+                        }
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -190,10 +367,12 @@ impl<B: ModelBackend> StepLoop<B> {
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             }
+            self.timeouts();
             self.reap_cancelled();
             let before = self.counts();
-            if !self.live.is_empty() {
+            if !self.engine.scheduler().is_idle() {
                 self.step();
+                self.after_step();
             }
             // A snapshot after every step that changed what policies see
             // (requests running or waiting), else at most every
@@ -217,9 +396,216 @@ impl<B: ModelBackend> StepLoop<B> {
             Command::Candidates(reply) => {
                 let _ = reply.send(self.engine.migration_candidates());
             }
+            Command::MigrateOut {
+                migration_id,
+                seq,
+                link,
+                done,
+            } => self.migrate_out(migration_id, seq, link, done),
+            Command::FromDestination {
+                migration_id,
+                bytes,
+            } => {
+                let now = clock::now_us();
+                if let Some(o) = self.outgoing.get_mut(&migration_id) {
+                    match MigrationMessage::decode(&bytes) {
+                        Ok(message) => match o.sm.handle(&mut self.engine, message, now) {
+                            Ok(out) => send_all(&o.link, out),
+                            Err(e) => {
+                                tracing::warn!(instance = self.instance, migration_id, error = %e, "migration message refused")
+                            }
+                        },
+                        Err(e) => {
+                            tracing::warn!(instance = self.instance, migration_id, error = %e, "undecodable migration message");
+                            if let Ok(out) = o.sm.cancel(&mut self.engine, now) {
+                                send_all(&o.link, out);
+                            }
+                        }
+                    }
+                }
+                self.settle(migration_id);
+            }
+            Command::LinkLost { migration_id } => {
+                if let Some(o) = self.outgoing.get_mut(&migration_id) {
+                    // Before detach the request just carries on; after it,
+                    // it is requeued here (recompute).
+                    let _ = o.sm.cancel(&mut self.engine, clock::now_us());
+                }
+                self.settle(migration_id);
+            }
+            Command::FromSource { bytes, reply } => self.from_source(bytes, reply),
             Command::Stop => return false,
         }
         true
+    }
+
+    fn migrate_out(
+        &mut self,
+        migration_id: MigrationId,
+        seq: u64,
+        link: MigrationLink,
+        done: oneshot::Sender<MigrationReport>,
+    ) {
+        let refuse = |done: oneshot::Sender<MigrationReport>, why: String| {
+            let _ = done.send(MigrationReport::NotStarted(why));
+        };
+        if !self.live.contains_key(&seq) {
+            return refuse(done, format!("request {seq} is not served here"));
+        }
+        if self.outgoing.values().any(|o| o.sm.seq() == seq)
+            || self.outgoing.contains_key(&migration_id)
+        {
+            return refuse(done, format!("request {seq} is already migrating"));
+        }
+        let mut sm = SourceMigration::new(self.migration.clone(), migration_id, seq);
+        match sm.start(&mut self.engine, clock::now_us()) {
+            Ok(out) => {
+                send_all(&link, out);
+                self.outgoing.insert(
+                    migration_id,
+                    Outgoing {
+                        sm,
+                        link,
+                        done: Some(done),
+                    },
+                );
+            }
+            Err(e) => refuse(done, e.to_string()),
+        }
+    }
+
+    fn from_source(&mut self, bytes: Vec<u8>, reply: MigrationLink) {
+        let message = match MigrationMessage::decode(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(instance = self.instance, error = %e, "undecodable incoming migration message");
+                return;
+            }
+        };
+        let id = message.migration_id();
+        self.replies.insert(id, reply);
+        let out = self
+            .incoming
+            .handle(&mut self.engine, message, clock::now_us());
+        if let Some(link) = self.replies.get(&id) {
+            send_all(link, out);
+        }
+        self.destination_events();
+    }
+
+    /// Acts on what the destination side did.
+    fn destination_events(&mut self) {
+        while let Some(event) = self.incoming.poll_event() {
+            match event {
+                DestinationEvent::Committed {
+                    migration_id, seq, ..
+                } => {
+                    self.replies.remove(&migration_id);
+                    let route = self
+                        .routes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&seq)
+                        .and_then(|w| w.upgrade());
+                    match route {
+                        Some(events) => {
+                            let _ = events.send(InstanceEvent::Moved {
+                                instance: self.instance,
+                            });
+                            self.live.insert(
+                                seq,
+                                Live {
+                                    events,
+                                    queue_us: Some(0),
+                                },
+                            );
+                        }
+                        None => {
+                            // Its client is gone: nobody to stream to.
+                            self.engine.abort(seq);
+                        }
+                    }
+                }
+                DestinationEvent::AbortedAfterCommit {
+                    migration_id, seq, ..
+                } => {
+                    // The source kept the request after all (it never heard
+                    // `Committed`); this copy is gone.
+                    self.replies.remove(&migration_id);
+                    self.live.remove(&seq);
+                }
+                DestinationEvent::Released { migration_id, .. } => {
+                    self.replies.remove(&migration_id);
+                }
+                DestinationEvent::Reserved { .. } => {}
+            }
+        }
+    }
+
+    /// Migration deadlines that passed.
+    fn timeouts(&mut self) {
+        let now = clock::now_us();
+        let due: Vec<MigrationId> = self
+            .outgoing
+            .iter()
+            .filter(|(_, o)| o.sm.poll_timeout().is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            if let Some(o) = self.outgoing.get_mut(&id) {
+                if let Ok(out) = o.sm.handle_timeout(&mut self.engine, now) {
+                    send_all(&o.link, out);
+                }
+            }
+            self.settle(id);
+        }
+        if self.incoming.poll_timeout().is_some_and(|d| d <= now) {
+            self.incoming.handle_timeout(&mut self.engine, now);
+            self.destination_events();
+        }
+    }
+
+    /// After a step: the outgoing migrations see what it did.
+    fn after_step(&mut self) {
+        let now = clock::now_us();
+        let ids: Vec<MigrationId> = self.outgoing.keys().copied().collect();
+        for id in ids {
+            if let Some(o) = self.outgoing.get_mut(&id) {
+                let out = o.sm.on_engine_step(&mut self.engine, now);
+                send_all(&o.link, out);
+            }
+            self.settle(id);
+        }
+    }
+
+    /// Retires an outgoing migration that reached its end.
+    fn settle(&mut self, id: MigrationId) {
+        let ended = self
+            .outgoing
+            .get(&id)
+            .is_some_and(|o| o.sm.state().is_terminal());
+        if !ended {
+            return;
+        }
+        let mut o = self.outgoing.remove(&id).expect("checked above");
+        let outcome =
+            o.sm.outcome()
+                .cloned()
+                .expect("a terminal migration has an outcome");
+        if outcome.committed() {
+            // The destination streams it from now on.
+            self.live.remove(&outcome.seq);
+        } else if !self.engine.scheduler().contains(outcome.seq) {
+            // Finished or cancelled during the migration.
+            if let Some(l) = self.live.remove(&outcome.seq) {
+                if !l.events.is_closed() {
+                    tracing::debug!(seq = outcome.seq, "request ended during its migration");
+                }
+            }
+        }
+        if let Some(done) = o.done.take() {
+            let _ = done.send(MigrationReport::Ended(outcome));
+        }
     }
 
     fn admit(&mut self, job: Assignment, events: EventSender) {
@@ -319,9 +705,25 @@ impl<B: ModelBackend> StepLoop<B> {
             .filter(|(_, l)| l.events.is_closed())
             .map(|(&id, _)| id)
             .collect();
+        let now = clock::now_us();
         for id in gone {
-            self.engine.abort(id);
             self.live.remove(&id);
+            let migrating = self
+                .outgoing
+                .iter()
+                .find(|(_, o)| o.sm.seq() == id)
+                .map(|(&m, _)| m);
+            match migrating {
+                Some(m) => {
+                    let o = self.outgoing.get_mut(&m).expect("found above");
+                    let out = o.sm.cancel_request(&mut self.engine, now);
+                    send_all(&o.link, out);
+                    self.settle(m);
+                }
+                None => {
+                    self.engine.abort(id);
+                }
+            }
         }
     }
 

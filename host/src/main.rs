@@ -114,6 +114,12 @@ struct ServeFlags {
     default_policy: Option<String>,
     #[arg(long)]
     policy_deadline_ms: Option<u64>,
+    /// Only compute and log the migration rounds (no live migration).
+    #[arg(long)]
+    no_migrate: bool,
+    /// Most live migrations in or out of one instance at a time.
+    #[arg(long)]
+    max_migrations_per_instance: Option<usize>,
 }
 
 impl ServeFlags {
@@ -149,6 +155,12 @@ impl ServeFlags {
         }
         if self.policy_dir.is_some() {
             c.policy_dir = self.policy_dir;
+        }
+        if self.no_migrate {
+            c.migrate = false;
+        }
+        if let Some(n) = self.max_migrations_per_instance {
+            c.max_migrations_per_instance = n;
         }
         Ok(c)
     }
@@ -194,6 +206,20 @@ enum Command {
         conn: Conn,
         #[arg(long)]
         json: bool,
+    },
+    /// Live-migrate one running request between two instances now.
+    Migrate {
+        #[command(flatten)]
+        conn: Conn,
+        /// Source instance.
+        #[arg(long)]
+        from: u32,
+        /// Destination instance.
+        #[arg(long)]
+        to: u32,
+        /// The request (default: the migration policy's pick).
+        #[arg(long)]
+        request: Option<u64>,
     },
     /// Policy components: pack and inspect locally; the rest via the admin API.
     Policy {
@@ -488,6 +514,23 @@ async fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Migrate {
+            conn,
+            from,
+            to,
+            request,
+        } => print_json(
+            &admin(
+                &conn,
+                AdminCommand::Migrate {
+                    source: from,
+                    destination: to,
+                    request,
+                },
+                &[],
+            )
+            .await?,
+        ),
         Command::Policy { command } => match command {
             PolicyCommand::Pack { .. } | PolicyCommand::Inspect { .. } => {
                 unreachable!("handled before the runtime starts")

@@ -33,8 +33,9 @@ use crate::api::{
     Generation, ServeError, Serving, TokenChunk,
 };
 use crate::clock;
-use crate::llumlet::{EventSender, InstanceEvent, LoadSink};
+use crate::llumlet::{EventSender, InstanceEvent, LoadSink, Mailbox, MigrationReport, Routes};
 use crate::metrics::Metrics;
+use crate::migration::MigrationTransport;
 use crate::model::TextCodec;
 use crate::policy::{DecisionSource, PolicyKind, PolicyRuntime, SlotStatus};
 use crate::protocol::Assignment;
@@ -52,6 +53,10 @@ pub trait InstanceLink: Send + Sync + 'static {
     fn stop(&self);
     /// `local` or `remote`.
     fn kind(&self) -> &'static str;
+    /// Where migration traffic for it goes, when it runs in this process.
+    fn mailbox(&self) -> Option<Mailbox> {
+        None
+    }
 }
 
 impl InstanceLink for crate::llumlet::Llumlet {
@@ -70,11 +75,14 @@ impl InstanceLink for crate::llumlet::Llumlet {
     fn kind(&self) -> &'static str {
         "local"
     }
+    fn mailbox(&self) -> Option<Mailbox> {
+        Some(crate::llumlet::Llumlet::mailbox(self))
+    }
 }
 
 /// Builds an in-process instance with the given id, publishing to the sink.
 pub type LocalFactory =
-    Box<dyn Fn(u32, LoadSink) -> Result<Arc<dyn InstanceLink>, String> + Send + Sync>;
+    Box<dyn Fn(u32, LoadSink, Routes) -> Result<Arc<dyn InstanceLink>, String> + Send + Sync>;
 
 /// Knobs of the manager.
 #[derive(Clone, Debug)]
@@ -89,6 +97,10 @@ pub struct ManagerConfig {
     pub max_instances: usize,
     /// Most times one request is placed again after losing its instance.
     pub max_moves: u32,
+    /// Execute the migration rounds' choices (else only compute and log them).
+    pub migrate: bool,
+    /// Most migrations in or out of one instance at a time.
+    pub max_migrations_per_instance: usize,
 }
 
 impl Default for ManagerConfig {
@@ -101,8 +113,26 @@ impl Default for ManagerConfig {
             min_instances: 1,
             max_instances: 1,
             max_moves: 8,
+            migrate: true,
+            max_migrations_per_instance: 1,
         }
     }
+}
+
+/// Live migrations the manager ran.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MigrationStats {
+    pub started: u64,
+    pub committed: u64,
+    /// Refused by the destination or given up by the source (the request
+    /// went on where it was).
+    pub aborted: u64,
+    /// Could not start (request finished, not running, instance busy…).
+    pub not_started: u64,
+    /// Downtimes (detach → commit) of the latest committed migrations, µs.
+    pub recent_downtime_us: Vec<u64>,
+    /// Blocks per stage of the latest committed migration.
+    pub last_stages_blocks: Vec<u32>,
 }
 
 struct InstanceEntry {
@@ -167,6 +197,7 @@ pub struct StatusReport {
     /// (accepted, never finished: the previous run stopped under them).
     pub interrupted_requests: Vec<u64>,
     pub shadows: Vec<crate::shadow::ShadowReport>,
+    pub migrations: MigrationStats,
 }
 
 struct Inner {
@@ -188,12 +219,22 @@ struct Inner {
     started_us: u64,
     stored_snapshots: Mutex<BTreeMap<u32, u64>>,
     interrupted: Vec<u64>,
+    routes: Routes,
+    transport: std::sync::OnceLock<(Arc<MigrationTransport>, std::net::SocketAddr)>,
+    /// Migrations in flight per instance (in or out).
+    migrating: Mutex<BTreeMap<u32, usize>>,
+    next_migration: AtomicU64,
+    migration_stats: Mutex<MigrationStats>,
 }
 
 /// The global scheduler. Cheap to clone.
 #[derive(Clone)]
 pub struct Manager {
     inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -257,6 +298,11 @@ impl Manager {
                 started_us,
                 stored_snapshots: Mutex::new(BTreeMap::new()),
                 interrupted,
+                routes: Routes::default(),
+                transport: std::sync::OnceLock::new(),
+                migrating: Mutex::new(BTreeMap::new()),
+                next_migration: AtomicU64::new(started_us),
+                migration_stats: Mutex::new(MigrationStats::default()),
             }),
         }
     }
@@ -302,7 +348,7 @@ impl Manager {
             .as_ref()
             .ok_or("this manager cannot start in-process instances")?;
         let id = self.next_instance_id();
-        let link = match factory(id, self.load_sink()) {
+        let link = match factory(id, self.load_sink(), self.inner.routes.clone()) {
             Ok(link) => link,
             Err(e) => {
                 write(&self.inner.live_ids).remove(&id);
@@ -340,6 +386,13 @@ impl Manager {
             entry.link.stop();
             tracing::info!(instance = id, "instance left");
         }
+    }
+
+    /// The mailbox of in-process instance `id`.
+    pub fn local_mailbox(&self, id: u32) -> Option<Mailbox> {
+        read(&self.inner.instances)
+            .get(&id)
+            .and_then(|e| e.link.mailbox())
     }
 
     /// Instances the policies know a load of.
@@ -416,6 +469,7 @@ impl Manager {
                 .clone(),
             shadows: self.inner.shadows.reports(),
             interrupted_requests: self.inner.interrupted.clone(),
+            migrations: lock(&self.inner.migration_stats).clone(),
         }
     }
 
@@ -476,16 +530,188 @@ impl Manager {
                 self.inner
                     .metrics
                     .migrations("planned", chosen.len() as u64);
-                tracing::info!(
+                tracing::debug!(
                     source = pair.source,
                     destination = pair.destination,
                     requests = ?chosen,
                     "migration round: requests chosen to move"
                 );
+                if self.inner.config.migrate {
+                    for &request in &chosen {
+                        if !self.start_migration(request, pair.source, pair.destination) {
+                            break;
+                        }
+                    }
+                }
             }
             out.push((pair.source, pair.destination, chosen));
         }
         out
+    }
+
+    /// Lets the manager execute migrations: `transport` reaches the
+    /// endpoint at `addr` that hosts the in-process instances.
+    pub fn enable_migration(&self, transport: Arc<MigrationTransport>, addr: std::net::SocketAddr) {
+        let _ = self.inner.transport.set((transport, addr));
+    }
+
+    /// Starts migrating `request` from `source` to `destination` unless one
+    /// of them already has `max_migrations_per_instance` in flight or
+    /// either is not an in-process instance. False when it did not start.
+    pub fn start_migration(&self, request: u64, source: u32, destination: u32) -> bool {
+        let Some((transport, addr)) = self.inner.transport.get() else {
+            return false;
+        };
+        let (src, dst) = {
+            let instances = read(&self.inner.instances);
+            match (instances.get(&source), instances.get(&destination)) {
+                (Some(s), Some(d)) if !d.draining => (s.link.mailbox(), d.link.mailbox()),
+                _ => return false,
+            }
+        };
+        let (Some(src), Some(_)) = (src, dst) else {
+            return false;
+        };
+        {
+            let max = self.inner.config.max_migrations_per_instance;
+            let mut busy = lock(&self.inner.migrating);
+            if busy.get(&source).copied().unwrap_or(0) >= max
+                || busy.get(&destination).copied().unwrap_or(0) >= max
+            {
+                return false;
+            }
+            *busy.entry(source).or_default() += 1;
+            *busy.entry(destination).or_default() += 1;
+        }
+        let id = self.inner.next_migration.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.migration_stats).started += 1;
+        let link = transport.open(*addr, destination, id, src.clone());
+        let done = src.migrate_out(id, request, link);
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let report = done.await.unwrap_or_else(|_| {
+                MigrationReport::NotStarted("the source instance stopped".into())
+            });
+            manager.migration_ended(request, source, destination, report);
+        });
+        true
+    }
+
+    fn migration_ended(
+        &self,
+        request: u64,
+        source: u32,
+        destination: u32,
+        report: MigrationReport,
+    ) {
+        {
+            let mut busy = lock(&self.inner.migrating);
+            for i in [source, destination] {
+                if let Some(n) = busy.get_mut(&i) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        busy.remove(&i);
+                    }
+                }
+            }
+        }
+        let mut stats = lock(&self.inner.migration_stats);
+        match report {
+            MigrationReport::Ended(outcome) if outcome.committed() => {
+                stats.committed += 1;
+                if stats.recent_downtime_us.len() == 64 {
+                    stats.recent_downtime_us.remove(0);
+                }
+                stats
+                    .recent_downtime_us
+                    .push(outcome.downtime_us.unwrap_or(0));
+                stats.last_stages_blocks = outcome.blocks_per_stage();
+                self.inner.metrics.migrations("completed", 1);
+                tracing::info!(
+                    request,
+                    source,
+                    destination,
+                    stages = ?outcome.blocks_per_stage(),
+                    downtime_us = outcome.downtime_us.unwrap_or(0),
+                    total_us = outcome.finished_us - outcome.started_us,
+                    "migration committed"
+                );
+            }
+            MigrationReport::Ended(outcome) => {
+                stats.aborted += 1;
+                self.inner.metrics.migrations("aborted", 1);
+                tracing::info!(request, source, destination, result = ?outcome.result, "migration aborted");
+            }
+            MigrationReport::NotStarted(why) => {
+                stats.not_started += 1;
+                tracing::debug!(request, source, destination, why, "migration did not start");
+            }
+        }
+    }
+
+    /// Migrates one running request from `source` to `destination` now:
+    /// `request`, or the one the migration policy picks among the source's
+    /// candidates (else the first candidate). The request it started.
+    pub async fn migrate_now(
+        &self,
+        source: u32,
+        destination: u32,
+        request: Option<u64>,
+    ) -> Result<u64, ServeError> {
+        if source == destination {
+            return Err(ServeError::new(
+                ErrorCode::InvalidParameter,
+                "source and destination are the same instance",
+            ));
+        }
+        let link = read(&self.inner.instances)
+            .get(&source)
+            .map(|e| e.link.clone())
+            .ok_or_else(|| ServeError::new(ErrorCode::NotFound, format!("no instance {source}")))?;
+        let candidates = link.candidates().await;
+        let chosen = match request {
+            Some(r) => candidates
+                .iter()
+                .find(|c| c.id == r)
+                .map(|c| c.id)
+                .ok_or_else(|| {
+                    ServeError::new(
+                        ErrorCode::NotFound,
+                        format!("request {r} is not running on instance {source}"),
+                    )
+                })?,
+            None => {
+                let pair = llumen_policy_logic::MigrationPair {
+                    source,
+                    destination,
+                };
+                let picked = self
+                    .inner
+                    .runtime
+                    .choose_migrations(pair, &candidates)
+                    .value;
+                picked
+                    .first()
+                    .copied()
+                    .or_else(|| candidates.first().map(|c| c.id))
+                    .ok_or_else(|| {
+                        ServeError::new(
+                            ErrorCode::NotFound,
+                            format!("no running request on instance {source} can move now"),
+                        )
+                    })?
+            }
+        };
+        if self.start_migration(chosen, source, destination) {
+            Ok(chosen)
+        } else {
+            Err(ServeError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "cannot migrate from {source} to {destination} now (a migration is in flight there, or one of them is not an in-process serving instance)"
+                ),
+            ))
+        }
     }
 
     /// One scaling round: ask the policy, clamp to the configured bounds,
@@ -597,6 +823,7 @@ impl Manager {
                 break;
             };
             let (tx, rx) = mpsc::unbounded_channel();
+            lock(&self.inner.routes).insert(meta.id, tx.downgrade());
             match link.assign(job.clone(), tx) {
                 Ok(()) => return Ok((target, rx, decided_by)),
                 Err(e) => {
@@ -876,6 +1103,7 @@ impl Relay {
                 outcome: journal_outcome,
             },
         );
+        lock(&inner.routes).remove(&self.meta.id);
         inner.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -904,6 +1132,18 @@ impl Relay {
                     if let Some(reason) = self.token(id) {
                         return Outcome::Finished(reason);
                     }
+                }
+                Some(InstanceEvent::Moved { instance }) => {
+                    self.instance = instance;
+                    self.moves += 1;
+                    self.manager.journal(
+                        self.meta.id,
+                        JournalEvent::Dispatched {
+                            at_us: clock::now_us(),
+                            instance,
+                            decided_by: "migration".into(),
+                        },
+                    );
                 }
                 Some(InstanceEvent::Finished {
                     reason, queue_us, ..

@@ -17,6 +17,10 @@
 //!   `Welcome`, then instance `Load`* for as long as it lives.
 //! - assignment stream (manager → joined instance): manager `Assign`,
 //!   instance `Tokens`* then `Finished` or `Error`.
+//! - migration stream (source instance → the destination's endpoint):
+//!   source `Migrate`, then both ways `MigrationChunk`s carrying the
+//!   engine's migration messages (a message larger than one frame is split
+//!   into chunks, the last one marked).
 //!
 //! Owns byte formats only; must never touch sockets, the engine or policies.
 
@@ -34,6 +38,8 @@ pub const LEN_BYTES: usize = 4;
 pub const MAX_REQUEST_FRAME: usize = 1 << 20;
 /// Largest frame on admin streams (policy components travel in them).
 pub const MAX_ADMIN_FRAME: usize = 64 << 20;
+/// Largest migration chunk (KV blocks travel in them).
+pub const MAX_MIGRATION_CHUNK: usize = 8 << 20;
 
 /// A sequence to run on a joined instance (manager → instance).
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +94,17 @@ pub enum Frame {
     },
     Load(InstanceLoad),
     Assign(Assignment),
+    /// Opens a migration stream to instance `destination` (authenticated by
+    /// the admin token, since it writes into an instance's KV cache).
+    Migrate {
+        token: String,
+        destination: u32,
+    },
+    /// A piece of an encoded migration message; `last` ends the message.
+    MigrationChunk {
+        last: bool,
+        bytes: Vec<u8>,
+    },
 }
 
 impl Frame {
@@ -103,6 +120,8 @@ impl Frame {
             Frame::Welcome { .. } => 0x21,
             Frame::Load(_) => 0x22,
             Frame::Assign(_) => 0x23,
+            Frame::Migrate { .. } => 0x30,
+            Frame::MigrationChunk { .. } => 0x31,
         }
     }
 
@@ -119,6 +138,8 @@ impl Frame {
             Frame::Welcome { .. } => "welcome",
             Frame::Load(_) => "load",
             Frame::Assign(_) => "assign",
+            Frame::Migrate { .. } => "migrate",
+            Frame::MigrationChunk { .. } => "migration-chunk",
         }
     }
 }
@@ -288,6 +309,14 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             w.tokens(&a.stop_token_ids);
             w.u8(a.priority);
             w.u32(a.headroom_blocks);
+        }
+        Frame::Migrate { token, destination } => {
+            w.str(token);
+            w.u32(*destination);
+        }
+        Frame::MigrationChunk { last, bytes } => {
+            w.bool(*last);
+            w.bytes(bytes);
         }
     }
     let len = u32::try_from(w.0.len() - LEN_BYTES).expect("frame longer than 4 GiB");
@@ -473,6 +502,14 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             priority: r.u8("priority")?,
             headroom_blocks: r.u32("headroom")?,
         }),
+        0x30 => Frame::Migrate {
+            token: r.string("token")?,
+            destination: r.u32("destination")?,
+        },
+        0x31 => Frame::MigrationChunk {
+            last: r.bool("last")?,
+            bytes: r.bytes("chunk")?.to_vec(),
+        },
         k => return Err(DecodeError::UnknownKind(k)),
     };
     r.finish()?;
@@ -556,10 +593,10 @@ impl FrameDecoder {
 /// component ([`MAX_ADMIN_FRAME`]); everything else is small
 /// ([`MAX_REQUEST_FRAME`]).
 pub fn limit_by_kind(kind: u8) -> usize {
-    if kind == 0x10 {
-        MAX_ADMIN_FRAME
-    } else {
-        MAX_REQUEST_FRAME
+    match kind {
+        0x10 => MAX_ADMIN_FRAME,
+        0x31 => MAX_MIGRATION_CHUNK + 16,
+        _ => MAX_REQUEST_FRAME,
     }
 }
 
@@ -630,6 +667,14 @@ mod tests {
                 max_model_len: 2048,
             }),
             Frame::Welcome { instance: 3 },
+            Frame::Migrate {
+                token: "t".into(),
+                destination: 2,
+            },
+            Frame::MigrationChunk {
+                last: true,
+                bytes: vec![1, 2, 3],
+            },
             Frame::Load(InstanceLoad {
                 instance: 2,
                 total_blocks: 10,
@@ -732,7 +777,7 @@ mod tests {
         /// Valid frames with random bytes flipped never panic either.
         #[test]
         fn mutated_frames_never_panic(
-            which in 0usize..12,
+            which in 0usize..14,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
         ) {
             let frames = samples();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use llumen_engine::Engine;
+use llumen_engine::{Engine, MigrationConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::admin::Admin;
@@ -50,6 +50,11 @@ pub struct ServeConfig {
     pub policy_dir: Option<PathBuf>,
     /// Deadline of one policy call.
     pub policy_deadline_ms: u64,
+    /// Execute the migration policy's choices (live migration over QUIC);
+    /// false: compute and log them only.
+    pub migrate: bool,
+    /// Most live migrations in or out of one instance at a time.
+    pub max_migrations_per_instance: usize,
     /// How often buffered snapshots and journal events go to disk (a crash
     /// loses at most this much of them).
     pub flush_period_ms: u64,
@@ -75,6 +80,8 @@ impl Default for ServeConfig {
             default_policy: "llumnix".into(),
             policy_dir: None,
             policy_deadline_ms: 50,
+            migrate: true,
+            max_migrations_per_instance: 1,
             flush_period_ms: 1000,
             retention_s: 7 * 24 * 3600,
         }
@@ -153,10 +160,11 @@ pub async fn run_serve(
     let factory: LocalFactory = {
         let model = model.clone();
         let shape: InstanceShape = shape.clone();
-        Box::new(move |id, sink| {
+        Box::new(move |id, sink, routes| {
             let engine = Engine::new(model.scheduler_config(&shape), model.backend(&shape)?)
                 .map_err(|e| e.to_string())?;
-            let llumlet = Llumlet::spawn(id, engine, sink).map_err(|e| e.to_string())?;
+            let llumlet = Llumlet::spawn(id, engine, sink, routes, MigrationConfig::default())
+                .map_err(|e| e.to_string())?;
             Ok(Arc::new(llumlet) as Arc<dyn InstanceLink>)
         })
     };
@@ -168,6 +176,8 @@ pub async fn run_serve(
         min_instances: config.min_instances.unwrap_or(config.instances),
         max_instances: config.max_instances.unwrap_or(config.instances),
         max_moves: 8,
+        migrate: config.migrate,
+        max_migrations_per_instance: config.max_migrations_per_instance.max(1),
     };
     let manager = Manager::new(
         manager_config,
@@ -220,9 +230,17 @@ pub async fn run_serve(
     let ctx = Arc::new(ServerContext {
         manager: manager.clone(),
         admin,
-        token,
+        token: token.clone(),
     });
     let quic_task = tokio::spawn(run_quic(endpoint.clone(), ctx));
+    // Migrations between the in-process instances go over QUIC through this
+    // endpoint, like those between hosts.
+    let migration_transport = crate::migration::MigrationTransport::new(
+        quic_addr,
+        tls::Trust::Fingerprint(identity.fingerprint.clone()),
+        token.clone(),
+    )?;
+    manager.enable_migration(Arc::new(migration_transport), quic_addr);
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http_task = http.map(|listener| {
         let serving: Arc<dyn crate::api::Serving> = Arc::new(manager.clone());

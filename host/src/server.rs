@@ -125,6 +125,28 @@ async fn serve_stream(
             }
         }
         Frame::Join(info) => serve_join(&ctx, conn, send, reader, info).await,
+        Frame::Migrate { token, destination } => {
+            if !tls::token_matches(&ctx.token, &token) {
+                return reply_error(
+                    &mut send,
+                    ServeError::new(ErrorCode::Unauthorized, "wrong or missing admin token"),
+                )
+                .await;
+            }
+            match ctx.manager.local_mailbox(destination) {
+                Some(mailbox) => crate::migration::serve_incoming(mailbox, send, reader).await,
+                None => {
+                    reply_error(
+                        &mut send,
+                        ServeError::new(
+                            ErrorCode::NotFound,
+                            format!("instance {destination} is not served by this endpoint"),
+                        ),
+                    )
+                    .await
+                }
+            }
+        }
         other => {
             reply_error(
                 &mut send,
@@ -387,6 +409,8 @@ pub async fn serve_assignment(
                         true,
                     ),
                     Some(InstanceEvent::Failed(e)) => (Frame::Error(e), true),
+                    // Joined instances take no migrations in (yet).
+                    Some(InstanceEvent::Moved { .. }) => continue,
                     None => (Frame::Error(ServeError::new(ErrorCode::Unavailable, "instance stopped")), true),
                 };
                 if write_frame(&mut send, &frame).await.is_err() {
