@@ -1,7 +1,10 @@
 //! `llumen instance --join ADDR`: one instance in its own process. It loads
 //! the model, runs a llumlet, joins the manager over QUIC (authenticated by
 //! the admin token), reports its loads on the control stream and serves the
-//! assignment streams the manager opens.
+//! streams the manager opens (assignments, migrate-out orders). It listens
+//! on an endpoint of its own for incoming live migrations (with the
+//! manager's certificate from the shared data dir) and continues a migrated-
+//! in request's stream to the manager on a `Resume` stream.
 //!
 //! Owns the instance side of the join protocol. Must never decide where a
 //! request goes (the manager does) nor keep requests across a lost manager
@@ -27,10 +30,14 @@ pub async fn run_instance(
     addr: SocketAddr,
     trust: Trust,
     token: String,
+    identity: tls::ServerIdentity,
+    migration_listen: SocketAddr,
     model: LoadedModel,
     shape: InstanceShape,
     ready: impl FnOnce(u32),
 ) -> Result<()> {
+    let migration_endpoint = tls::server_endpoint(migration_listen, &identity)?;
+    let migration_addr = migration_endpoint.local_addr()?;
     let endpoint = tls::client_endpoint(addr, &trust)?;
     let conn = endpoint
         .connect(addr, tls::SERVER_NAME)
@@ -39,11 +46,12 @@ pub async fn run_instance(
         .with_context(|| format!("connecting to {addr}"))?;
     let (mut control, recv) = conn.open_bi().await?;
     let info = JoinInfo {
-        token,
+        token: token.clone(),
         model: model.name.clone(),
         block_size: shape.block_size as u32,
         total_blocks: shape.num_blocks as u32,
         max_model_len: model.max_model_len(&shape) as u32,
+        migration_addr: migration_addr.to_string(),
     };
     write_frame(&mut control, &Frame::Join(info)).await?;
     let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
@@ -68,9 +76,24 @@ pub async fn run_instance(
         Box::new(move |load| {
             let _ = load_tx.send(load);
         }),
-        crate::llumlet::Routes::default(),
+        Arc::new(ResumeRoutes {
+            conn: conn.clone(),
+            token: token.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }),
         llumen_engine::MigrationConfig::default(),
     )?);
+    let transport = Arc::new(crate::migration::MigrationTransport::new(
+        addr,
+        trust.clone(),
+        token.clone(),
+    )?);
+    let incoming = tokio::spawn(accept_migrations(
+        migration_endpoint,
+        llumlet.mailbox(),
+        instance,
+        token.clone(),
+    ));
     let writer = tokio::spawn(async move {
         while let Some(mut load) = load_rx.recv().await {
             while let Ok(newer) = load_rx.try_recv() {
@@ -87,13 +110,124 @@ pub async fn run_instance(
     let result = loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                let llumlet = llumlet.clone();
-                tokio::spawn(crate::server::serve_assignment(llumlet, send, recv));
+                tokio::spawn(crate::server::serve_manager_stream(
+                    llumlet.clone(),
+                    transport.clone(),
+                    send,
+                    recv,
+                ));
             }
             Err(e) => break e,
         }
     };
     writer.abort();
+    incoming.abort();
     llumlet.stop();
     bail!("lost the manager connection: {result}")
+}
+
+/// Serves migrations into this instance from other instances.
+async fn accept_migrations(
+    endpoint: quinn::Endpoint,
+    mailbox: crate::llumlet::Mailbox,
+    instance: u32,
+    token: String,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let mailbox = mailbox.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            while let Ok((mut send, recv)) = conn.accept_bi().await {
+                let mut reader = FrameReader::new(recv, crate::protocol::MAX_MIGRATION_CHUNK + 64);
+                match reader.next().await {
+                    Ok(Some(Frame::Migrate {
+                        token: t,
+                        destination,
+                    })) if tls::token_matches(&token, &t) && destination == instance => {
+                        tokio::spawn(crate::migration::serve_incoming(
+                            mailbox.clone(),
+                            send,
+                            reader,
+                        ));
+                    }
+                    _ => {
+                        let _ = write_frame(
+                            &mut send,
+                            &Frame::Error(crate::api::ServeError::new(
+                                crate::api::ErrorCode::Unauthorized,
+                                "expected a migrate frame with the admin token for this instance",
+                            )),
+                        )
+                        .await;
+                        let _ = send.finish();
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A joined instance's route book: a request migrated in continues its
+/// stream to the manager on a `Resume` stream; one migrated out tells the
+/// manager on its assignment stream (`Moved`), which parks the channel.
+struct ResumeRoutes {
+    conn: quinn::Connection,
+    token: String,
+    /// `claim` is called on the llumlet's thread, outside the runtime.
+    runtime: tokio::runtime::Handle,
+}
+
+impl crate::llumlet::RouteBook for ResumeRoutes {
+    fn claim(&self, request: u64, instance: u32) -> Option<crate::llumlet::EventSender> {
+        use crate::llumlet::InstanceEvent;
+        if self.conn.close_reason().is_some() {
+            return None;
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel::<InstanceEvent>();
+        let conn = self.conn.clone();
+        let token = self.token.clone();
+        self.runtime.spawn(async move {
+            let result: Result<(), String> = async {
+                let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                write_frame(&mut send, &Frame::Resume { token, request, instance })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
+                loop {
+                    tokio::select! {
+                        event = rx.recv() => {
+                            let (frame, last) = match event {
+                                Some(InstanceEvent::Token { index, id }) => (Frame::Tokens(crate::api::TokenChunk { index, ids: vec![id], text: String::new() }), false),
+                                Some(InstanceEvent::Finished { reason, output_tokens, queue_us }) => (Frame::Finished(crate::api::FinishRecord {
+                                    request_id: request, reason, prompt_tokens: 0, completion_tokens: output_tokens,
+                                    queue_us, ttft_us: 0, total_us: 0, instance, moves: 0,
+                                }), true),
+                                Some(InstanceEvent::Failed(e)) => (Frame::Error(e), true),
+                                Some(InstanceEvent::MovedAway) => (Frame::Moved { instance }, true),
+                                Some(InstanceEvent::Moved { .. }) => continue,
+                                None => return Ok(()),
+                            };
+                            write_frame(&mut send, &frame).await.map_err(|e| e.to_string())?;
+                            if last {
+                                let _ = send.finish();
+                                return Ok(());
+                            }
+                        }
+                        // The manager refused (nobody waits) or cancelled.
+                        _ = reader.next() => return Err("the manager ended the resumed stream".into()),
+                    }
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::debug!(request, error = %e, "resumed stream ended");
+            }
+        });
+        Some(tx)
+    }
+
+    fn park(&self, _request: u64, events: crate::llumlet::EventSender) {
+        let _ = events.send(crate::llumlet::InstanceEvent::MovedAway);
+    }
 }

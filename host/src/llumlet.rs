@@ -19,7 +19,7 @@
 //! touches sockets, policies or sled.
 
 use std::collections::HashMap;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -54,21 +54,60 @@ pub enum InstanceEvent {
     /// The request now runs on `instance` (a live migration committed);
     /// its tokens continue from there.
     Moved { instance: u32 },
+    /// The request migrated away from the instance this channel served
+    /// (sent by a joined instance's route book; the manager parks the
+    /// channel until the destination claims it).
+    MovedAway,
 }
 
 /// Encoded migration messages to the other side of one migration.
 pub type MigrationLink = tmpsc::UnboundedSender<Vec<u8>>;
 
-/// Where each request's events go, for a request migrated in to continue
-/// its stream: request id → a weak sender to its relay (weak, so that a
-/// relay still learns of a lost instance from its channel closing).
-pub type Routes = Arc<Mutex<HashMap<u64, tmpsc::WeakUnboundedSender<InstanceEvent>>>>;
+/// How a request's event stream follows it across a live migration.
+pub trait RouteBook: Send + Sync {
+    /// A request migrated in and committed here: the sender its events go
+    /// to from now on (`None`: nobody waits for it any more).
+    fn claim(&self, request: u64, instance: u32) -> Option<EventSender>;
+    /// A request migrated out of here: hands its sender over until the
+    /// destination claims it.
+    fn park(&self, request: u64, events: EventSender);
+}
 
-/// How an outgoing migration ended, for the manager.
-#[derive(Clone, Debug)]
+/// The route book a llumlet uses.
+pub type Routes = Arc<dyn RouteBook>;
+
+/// What an outgoing migration did, for the manager (and over the wire for
+/// joined instances).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MigrationSummary {
+    pub committed: bool,
+    /// The engine's result, in words.
+    pub result: String,
+    /// Detach → commit (or → requeue), µs.
+    pub downtime_us: Option<u64>,
+    pub total_us: u64,
+    pub blocks_per_stage: Vec<u32>,
+    pub bytes: u64,
+}
+
+impl From<&MigrationOutcome> for MigrationSummary {
+    fn from(o: &MigrationOutcome) -> Self {
+        Self {
+            committed: o.committed(),
+            result: format!("{:?}", o.result),
+            downtime_us: o.downtime_us,
+            total_us: o.finished_us.saturating_sub(o.started_us),
+            blocks_per_stage: o.blocks_per_stage(),
+            bytes: o.bytes_copied(),
+        }
+    }
+}
+
+/// How an outgoing migration ended.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MigrationReport {
     /// The state machine ran to its end.
-    Ended(MigrationOutcome),
+    Ended(MigrationSummary),
     /// It could not start (request not running here, already migrating…).
     NotStarted(String),
 }
@@ -501,17 +540,8 @@ impl<B: ModelBackend> StepLoop<B> {
                     migration_id, seq, ..
                 } => {
                     self.replies.remove(&migration_id);
-                    let route = self
-                        .routes
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&seq)
-                        .and_then(|w| w.upgrade());
-                    match route {
+                    match self.routes.claim(seq, self.instance) {
                         Some(events) => {
-                            let _ = events.send(InstanceEvent::Moved {
-                                instance: self.instance,
-                            });
                             self.live.insert(
                                 seq,
                                 Live {
@@ -593,8 +623,11 @@ impl<B: ModelBackend> StepLoop<B> {
                 .cloned()
                 .expect("a terminal migration has an outcome");
         if outcome.committed() {
-            // The destination streams it from now on.
-            self.live.remove(&outcome.seq);
+            // The destination streams it from now on; its channel is handed
+            // over until the destination claims it.
+            if let Some(l) = self.live.remove(&outcome.seq) {
+                self.routes.park(outcome.seq, l.events);
+            }
         } else if !self.engine.scheduler().contains(outcome.seq) {
             // Finished or cancelled during the migration.
             if let Some(l) = self.live.remove(&outcome.seq) {
@@ -604,7 +637,7 @@ impl<B: ModelBackend> StepLoop<B> {
             }
         }
         if let Some(done) = o.done.take() {
-            let _ = done.send(MigrationReport::Ended(outcome));
+            let _ = done.send(MigrationReport::Ended(MigrationSummary::from(&outcome)));
         }
     }
 

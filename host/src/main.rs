@@ -182,6 +182,10 @@ enum Command {
         model: String,
         #[arg(long)]
         blocks: Option<usize>,
+        /// Endpoint for live migrations into this instance (it presents the
+        /// manager's certificate from the data dir).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        migration_listen: SocketAddr,
     },
     /// Stream a completion to stdout.
     Generate {
@@ -401,6 +405,7 @@ async fn run(command: Command) -> Result<()> {
             conn,
             model,
             blocks,
+            migration_listen,
         } => {
             let choice: ModelChoice = model.parse().map_err(anyhow::Error::msg)?;
             let model = LoadedModel::load(&choice).map_err(anyhow::Error::msg)?;
@@ -414,11 +419,21 @@ async fn run(command: Command) -> Result<()> {
                 conn.fingerprint.clone(),
             );
             let token = conn.token()?;
-            llumen_host::instance::run_instance(join, trust, token, model, shape, |id| {
-                eprintln!("llumen: joined {join} as instance {id}");
-                println!("{}", serde_json::json!({"event": "joined", "instance": id}));
-                let _ = std::io::stdout().flush();
-            })
+            let (identity, _) = tls::load_or_create_identity(&conn.data_dir())?;
+            llumen_host::instance::run_instance(
+                join,
+                trust,
+                token,
+                identity,
+                migration_listen,
+                model,
+                shape,
+                |id| {
+                    eprintln!("llumen: joined {join} as instance {id}");
+                    println!("{}", serde_json::json!({"event": "joined", "instance": id}));
+                    let _ = std::io::stdout().flush();
+                },
+            )
             .await
         }
         Command::Generate {

@@ -33,7 +33,9 @@ use crate::api::{
     Generation, ServeError, Serving, TokenChunk,
 };
 use crate::clock;
-use crate::llumlet::{EventSender, InstanceEvent, LoadSink, Mailbox, MigrationReport, Routes};
+use crate::llumlet::{
+    EventSender, InstanceEvent, LoadSink, Mailbox, MigrationReport, RouteBook, Routes,
+};
 use crate::metrics::Metrics;
 use crate::migration::MigrationTransport;
 use crate::model::TextCodec;
@@ -57,6 +59,16 @@ pub trait InstanceLink: Send + Sync + 'static {
     fn mailbox(&self) -> Option<Mailbox> {
         None
     }
+    /// Starts migrating `request` out to instance `destination`, whose
+    /// endpoint is `addr`; the report comes when it ends.
+    fn migrate_out(
+        &self,
+        migration_id: u64,
+        request: u64,
+        destination: u32,
+        addr: std::net::SocketAddr,
+        transport: &Arc<MigrationTransport>,
+    ) -> Result<tokio::sync::oneshot::Receiver<MigrationReport>, String>;
 }
 
 impl InstanceLink for crate::llumlet::Llumlet {
@@ -77,6 +89,85 @@ impl InstanceLink for crate::llumlet::Llumlet {
     }
     fn mailbox(&self) -> Option<Mailbox> {
         Some(crate::llumlet::Llumlet::mailbox(self))
+    }
+    fn migrate_out(
+        &self,
+        migration_id: u64,
+        request: u64,
+        destination: u32,
+        addr: std::net::SocketAddr,
+        transport: &Arc<MigrationTransport>,
+    ) -> Result<tokio::sync::oneshot::Receiver<MigrationReport>, String> {
+        let mailbox = crate::llumlet::Llumlet::mailbox(self);
+        let link = transport.open(addr, destination, migration_id, mailbox.clone());
+        Ok(mailbox.migrate_out(migration_id, request, link))
+    }
+}
+
+/// Where the manager's requests' event channels are, by request: a weak
+/// sender while an instance runs it (so the relay still learns of a lost
+/// instance from its channel closing), or the strong one parked by a
+/// migration's source until the destination claims it.
+#[derive(Default)]
+pub struct RouteTable {
+    routes: Mutex<std::collections::HashMap<u64, Route>>,
+}
+
+enum Route {
+    Weak(mpsc::WeakUnboundedSender<InstanceEvent>),
+    Parked { events: EventSender, until_us: u64 },
+}
+
+/// How long a parked channel waits for its destination's claim before it is
+/// dropped (its relay then places the request again).
+const PARK_US: u64 = 10_000_000;
+
+impl RouteTable {
+    fn register(&self, request: u64, events: &EventSender) {
+        lock(&self.routes).insert(request, Route::Weak(events.downgrade()));
+    }
+    fn forget(&self, request: u64) {
+        lock(&self.routes).remove(&request);
+    }
+    /// Drops parked channels nobody claimed in time.
+    fn sweep(&self, now_us: u64) {
+        for route in lock(&self.routes).values_mut() {
+            if let Route::Parked { events, until_us } = route {
+                if *until_us <= now_us {
+                    *route = Route::Weak(events.downgrade());
+                }
+            }
+        }
+    }
+}
+
+impl RouteBook for RouteTable {
+    fn claim(&self, request: u64, instance: u32) -> Option<EventSender> {
+        let mut routes = lock(&self.routes);
+        let route = routes.get_mut(&request)?;
+        let events = match route {
+            Route::Weak(w) => w.upgrade()?,
+            Route::Parked { events, .. } => events.clone(),
+        };
+        *route = Route::Weak(events.downgrade());
+        let _ = events.send(InstanceEvent::Moved { instance });
+        Some(events)
+    }
+
+    fn park(&self, request: u64, events: EventSender) {
+        let mut routes = lock(&self.routes);
+        if let Some(route) = routes.get_mut(&request) {
+            // Claimed already (the destination was quicker): nothing to keep.
+            if let Route::Weak(w) = route {
+                if w.strong_count() > 1 {
+                    return;
+                }
+            }
+            *route = Route::Parked {
+                events,
+                until_us: clock::now_us() + PARK_US,
+            };
+        }
     }
 }
 
@@ -139,6 +230,8 @@ struct InstanceEntry {
     link: Arc<dyn InstanceLink>,
     draining: bool,
     joined_us: u64,
+    /// The endpoint that takes migrations into it (`None`: this manager's).
+    migration_addr: Option<std::net::SocketAddr>,
 }
 
 /// One instance in [`StatusReport`].
@@ -219,7 +312,7 @@ struct Inner {
     started_us: u64,
     stored_snapshots: Mutex<BTreeMap<u32, u64>>,
     interrupted: Vec<u64>,
-    routes: Routes,
+    routes: Arc<RouteTable>,
     transport: std::sync::OnceLock<(Arc<MigrationTransport>, std::net::SocketAddr)>,
     /// Migrations in flight per instance (in or out).
     migrating: Mutex<BTreeMap<u32, usize>>,
@@ -298,7 +391,7 @@ impl Manager {
                 started_us,
                 stored_snapshots: Mutex::new(BTreeMap::new()),
                 interrupted,
-                routes: Routes::default(),
+                routes: Arc::new(RouteTable::default()),
                 transport: std::sync::OnceLock::new(),
                 migrating: Mutex::new(BTreeMap::new()),
                 next_migration: AtomicU64::new(started_us),
@@ -348,19 +441,25 @@ impl Manager {
             .as_ref()
             .ok_or("this manager cannot start in-process instances")?;
         let id = self.next_instance_id();
-        let link = match factory(id, self.load_sink(), self.inner.routes.clone()) {
+        let link = match factory(id, self.load_sink(), self.routes()) {
             Ok(link) => link,
             Err(e) => {
                 write(&self.inner.live_ids).remove(&id);
                 return Err(e);
             }
         };
-        self.register(id, link);
+        self.register(id, link, None);
         Ok(id)
     }
 
-    /// Adds an instance under a reserved id.
-    pub fn register(&self, id: u32, link: Arc<dyn InstanceLink>) {
+    /// Adds an instance under a reserved id; `migration_addr` is the
+    /// endpoint that takes migrations into it (`None`: this manager's).
+    pub fn register(
+        &self,
+        id: u32,
+        link: Arc<dyn InstanceLink>,
+        migration_addr: Option<std::net::SocketAddr>,
+    ) {
         tracing::info!(instance = id, kind = link.kind(), "instance joined");
         write(&self.inner.instances).insert(
             id,
@@ -368,6 +467,7 @@ impl Manager {
                 link,
                 draining: false,
                 joined_us: clock::now_us(),
+                migration_addr,
             },
         );
     }
@@ -386,6 +486,11 @@ impl Manager {
             entry.link.stop();
             tracing::info!(instance = id, "instance left");
         }
+    }
+
+    /// The route book llumlets and joined instances' resumed streams use.
+    pub fn routes(&self) -> Routes {
+        self.inner.routes.clone()
     }
 
     /// The mailbox of in-process instance `id`.
@@ -507,6 +612,7 @@ impl Manager {
     /// it would move. (Executing them is live migration's job; until then
     /// the round is computed, counted and logged.)
     pub async fn migration_round(&self) -> Vec<(u32, u32, Vec<u64>)> {
+        self.inner.routes.sweep(clock::now_us());
         let plan = self.inner.runtime.plan_migration();
         self.inner.shadows.feed(
             PolicyKind::Migration,
@@ -562,15 +668,19 @@ impl Manager {
         let Some((transport, addr)) = self.inner.transport.get() else {
             return false;
         };
-        let (src, dst) = {
+        let (src, dst_addr) = {
             let instances = read(&self.inner.instances);
             match (instances.get(&source), instances.get(&destination)) {
-                (Some(s), Some(d)) if !d.draining => (s.link.mailbox(), d.link.mailbox()),
+                (Some(s), Some(d)) if !d.draining => {
+                    let addr = match (&d.migration_addr, d.link.kind()) {
+                        (Some(a), _) => *a,
+                        (None, "local") => *addr,
+                        (None, _) => return false,
+                    };
+                    (s.link.clone(), addr)
+                }
                 _ => return false,
             }
-        };
-        let (Some(src), Some(_)) = (src, dst) else {
-            return false;
         };
         {
             let max = self.inner.config.max_migrations_per_instance;
@@ -585,8 +695,18 @@ impl Manager {
         }
         let id = self.inner.next_migration.fetch_add(1, Ordering::Relaxed);
         lock(&self.inner.migration_stats).started += 1;
-        let link = transport.open(*addr, destination, id, src.clone());
-        let done = src.migrate_out(id, request, link);
+        let done = match src.migrate_out(id, request, destination, dst_addr, transport) {
+            Ok(done) => done,
+            Err(why) => {
+                self.migration_ended(
+                    request,
+                    source,
+                    destination,
+                    MigrationReport::NotStarted(why),
+                );
+                return false;
+            }
+        };
         let manager = self.clone();
         tokio::spawn(async move {
             let report = done.await.unwrap_or_else(|_| {
@@ -615,9 +735,10 @@ impl Manager {
                 }
             }
         }
+        self.inner.routes.sweep(clock::now_us());
         let mut stats = lock(&self.inner.migration_stats);
         match report {
-            MigrationReport::Ended(outcome) if outcome.committed() => {
+            MigrationReport::Ended(outcome) if outcome.committed => {
                 stats.committed += 1;
                 if stats.recent_downtime_us.len() == 64 {
                     stats.recent_downtime_us.remove(0);
@@ -625,15 +746,15 @@ impl Manager {
                 stats
                     .recent_downtime_us
                     .push(outcome.downtime_us.unwrap_or(0));
-                stats.last_stages_blocks = outcome.blocks_per_stage();
+                stats.last_stages_blocks = outcome.blocks_per_stage.clone();
                 self.inner.metrics.migrations("completed", 1);
                 tracing::info!(
                     request,
                     source,
                     destination,
-                    stages = ?outcome.blocks_per_stage(),
+                    stages = ?outcome.blocks_per_stage,
                     downtime_us = outcome.downtime_us.unwrap_or(0),
-                    total_us = outcome.finished_us - outcome.started_us,
+                    total_us = outcome.total_us,
                     "migration committed"
                 );
             }
@@ -823,7 +944,7 @@ impl Manager {
                 break;
             };
             let (tx, rx) = mpsc::unbounded_channel();
-            lock(&self.inner.routes).insert(meta.id, tx.downgrade());
+            self.inner.routes.register(meta.id, &tx);
             match link.assign(job.clone(), tx) {
                 Ok(()) => return Ok((target, rx, decided_by)),
                 Err(e) => {
@@ -1103,7 +1224,7 @@ impl Relay {
                 outcome: journal_outcome,
             },
         );
-        lock(&inner.routes).remove(&self.meta.id);
+        inner.routes.forget(self.meta.id);
         inner.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -1133,6 +1254,9 @@ impl Relay {
                         return Outcome::Finished(reason);
                     }
                 }
+                // Only a joined instance's assignment stream carries it;
+                // the manager's stream handler parks the channel.
+                Some(InstanceEvent::MovedAway) => {}
                 Some(InstanceEvent::Moved { instance }) => {
                     self.instance = instance;
                     self.moves += 1;

@@ -67,6 +67,8 @@ pub struct JoinInfo {
     pub block_size: u32,
     pub total_blocks: u32,
     pub max_model_len: u32,
+    /// The instance's endpoint for incoming migrations ("" for none).
+    pub migration_addr: String,
 }
 
 /// One frame.
@@ -105,6 +107,29 @@ pub enum Frame {
         last: bool,
         bytes: Vec<u8>,
     },
+    /// Manager → joined instance: migrate `request` out to instance
+    /// `destination` at `addr`; answered by `AdminReply` with the report.
+    MigrateOut {
+        migration_id: u64,
+        request: u64,
+        destination: u32,
+        addr: String,
+    },
+    /// Joined instance → manager: request `request`, migrated in to
+    /// `instance`, continues its stream on this stream.
+    Resume {
+        token: String,
+        request: u64,
+        instance: u32,
+    },
+    /// On an assignment stream: the request migrated away to `instance`.
+    Moved {
+        instance: u32,
+    },
+    /// Manager → joined instance: which running requests could migrate?
+    /// Answered by `AdminReply` with a JSON list of
+    /// `[id, priority, blocks, prompt_tokens, output_tokens, arrival_us]`.
+    Candidates,
 }
 
 impl Frame {
@@ -122,6 +147,10 @@ impl Frame {
             Frame::Assign(_) => 0x23,
             Frame::Migrate { .. } => 0x30,
             Frame::MigrationChunk { .. } => 0x31,
+            Frame::MigrateOut { .. } => 0x32,
+            Frame::Resume { .. } => 0x33,
+            Frame::Moved { .. } => 0x34,
+            Frame::Candidates => 0x35,
         }
     }
 
@@ -140,6 +169,10 @@ impl Frame {
             Frame::Assign(_) => "assign",
             Frame::Migrate { .. } => "migrate",
             Frame::MigrationChunk { .. } => "migration-chunk",
+            Frame::MigrateOut { .. } => "migrate-out",
+            Frame::Resume { .. } => "resume",
+            Frame::Moved { .. } => "moved",
+            Frame::Candidates => "candidates",
         }
     }
 }
@@ -293,6 +326,7 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             w.u32(j.block_size);
             w.u32(j.total_blocks);
             w.u32(j.max_model_len);
+            w.str(&j.migration_addr);
         }
         Frame::Welcome { instance } => w.u32(*instance),
         Frame::Load(l) => {
@@ -318,6 +352,28 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             w.bool(*last);
             w.bytes(bytes);
         }
+        Frame::MigrateOut {
+            migration_id,
+            request,
+            destination,
+            addr,
+        } => {
+            w.u64(*migration_id);
+            w.u64(*request);
+            w.u32(*destination);
+            w.str(addr);
+        }
+        Frame::Resume {
+            token,
+            request,
+            instance,
+        } => {
+            w.str(token);
+            w.u64(*request);
+            w.u32(*instance);
+        }
+        Frame::Moved { instance } => w.u32(*instance),
+        Frame::Candidates => {}
     }
     let len = u32::try_from(w.0.len() - LEN_BYTES).expect("frame longer than 4 GiB");
     w.0[..LEN_BYTES].copy_from_slice(&len.to_be_bytes());
@@ -479,6 +535,7 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             block_size: r.u32("block size")?,
             total_blocks: r.u32("total blocks")?,
             max_model_len: r.u32("max model len")?,
+            migration_addr: r.string("migration address")?,
         }),
         0x21 => Frame::Welcome {
             instance: r.u32("instance")?,
@@ -510,6 +567,21 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
             last: r.bool("last")?,
             bytes: r.bytes("chunk")?.to_vec(),
         },
+        0x32 => Frame::MigrateOut {
+            migration_id: r.u64("migration id")?,
+            request: r.u64("request")?,
+            destination: r.u32("destination")?,
+            addr: r.string("address")?,
+        },
+        0x33 => Frame::Resume {
+            token: r.string("token")?,
+            request: r.u64("request")?,
+            instance: r.u32("instance")?,
+        },
+        0x34 => Frame::Moved {
+            instance: r.u32("instance")?,
+        },
+        0x35 => Frame::Candidates,
         k => return Err(DecodeError::UnknownKind(k)),
     };
     r.finish()?;
@@ -665,7 +737,21 @@ mod tests {
                 block_size: 16,
                 total_blocks: 64,
                 max_model_len: 2048,
+                migration_addr: "127.0.0.1:9".into(),
             }),
+            Frame::MigrateOut {
+                migration_id: 1,
+                request: 2,
+                destination: 3,
+                addr: "[::1]:4".into(),
+            },
+            Frame::Resume {
+                token: "t".into(),
+                request: 5,
+                instance: 6,
+            },
+            Frame::Moved { instance: 7 },
+            Frame::Candidates,
             Frame::Welcome { instance: 3 },
             Frame::Migrate {
                 token: "t".into(),
@@ -777,7 +863,7 @@ mod tests {
         /// Valid frames with random bytes flipped never panic either.
         #[test]
         fn mutated_frames_never_panic(
-            which in 0usize..14,
+            which in 0usize..18,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
         ) {
             let frames = samples();

@@ -125,6 +125,32 @@ async fn serve_stream(
             }
         }
         Frame::Join(info) => serve_join(&ctx, conn, send, reader, info).await,
+        Frame::Resume {
+            token,
+            request,
+            instance,
+        } => {
+            if !tls::token_matches(&ctx.token, &token) {
+                return reply_error(
+                    &mut send,
+                    ServeError::new(ErrorCode::Unauthorized, "wrong or missing admin token"),
+                )
+                .await;
+            }
+            match ctx.manager.routes().claim(request, instance) {
+                Some(events) => forward_resumed(events, reader).await,
+                None => {
+                    reply_error(
+                        &mut send,
+                        ServeError::new(
+                            ErrorCode::NotFound,
+                            format!("request {request} is not waiting for its stream"),
+                        ),
+                    )
+                    .await
+                }
+            }
+        }
         Frame::Migrate { token, destination } => {
             if !tls::token_matches(&ctx.token, &token) {
                 return reply_error(
@@ -243,8 +269,15 @@ async fn serve_join(
     {
         return;
     }
-    ctx.manager
-        .register(id, Arc::new(RemoteLink { conn: conn.clone() }));
+    let migration_addr = info.migration_addr.parse().ok();
+    ctx.manager.register(
+        id,
+        Arc::new(RemoteLink {
+            conn: conn.clone(),
+            routes: ctx.manager.routes(),
+        }),
+        migration_addr,
+    );
     let sink = ctx.manager.load_sink();
     loop {
         match reader.next().await {
@@ -264,10 +297,49 @@ async fn serve_join(
     conn.close(0u32.into(), b"control stream ended");
 }
 
+/// A migrated request's events from the joined instance it moved to.
+async fn forward_resumed(events: EventSender, mut reader: FrameReader) {
+    loop {
+        tokio::select! {
+            _ = events.closed() => {
+                reader.stop(1); // cancelled: the instance aborts it
+                return;
+            }
+            frame = reader.next() => match frame {
+                Ok(Some(Frame::Tokens(chunk))) => {
+                    for (k, &id) in chunk.ids.iter().enumerate() {
+                        let _ = events.send(InstanceEvent::Token { index: chunk.index + k as u32, id });
+                    }
+                }
+                Ok(Some(Frame::Finished(f))) => {
+                    let _ = events.send(InstanceEvent::Finished {
+                        reason: f.reason,
+                        output_tokens: f.completion_tokens,
+                        queue_us: f.queue_us,
+                    });
+                    return;
+                }
+                Ok(Some(Frame::Error(e))) => {
+                    let _ = events.send(InstanceEvent::Failed(e));
+                    return;
+                }
+                Ok(Some(Frame::Moved { .. })) => {
+                    // Moved on again: the next destination claims it.
+                    return;
+                }
+                // Lost: dropping our sender lets the relay place it again
+                // (unless another holder still runs it).
+                _ => return,
+            }
+        }
+    }
+}
+
 /// The manager's side of a joined instance: each request is one stream the
 /// manager opens; the instance streams tokens back on it.
 pub struct RemoteLink {
     conn: quinn::Connection,
+    routes: crate::llumlet::Routes,
 }
 
 impl InstanceLink for RemoteLink {
@@ -279,9 +351,10 @@ impl InstanceLink for RemoteLink {
             ));
         }
         let conn = self.conn.clone();
+        let routes = self.routes.clone();
         tokio::spawn(async move {
             let request = job.request_id;
-            if let Err(e) = run_assignment(conn, job, events).await {
+            if let Err(e) = run_assignment(conn, job, events, routes).await {
                 // Dropping `events` tells the relay to place it again.
                 tracing::warn!(request, error = %e, "assignment stream to a joined instance failed");
             }
@@ -302,7 +375,51 @@ impl InstanceLink for RemoteLink {
                 + '_,
         >,
     > {
-        Box::pin(async { Vec::new() })
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            let result: Result<Vec<llumen_policy_logic::MigrationCandidate>, String> = async {
+                let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                write_frame(&mut send, &Frame::Candidates)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
+                match reader.next().await.map_err(|e| e.to_string())? {
+                    Some(Frame::AdminReply { json }) => {
+                        let rows: Vec<(u64, u8, u32, u32, u32, u64)> =
+                            serde_json::from_str(&json).map_err(|e| e.to_string())?;
+                        Ok(rows
+                            .into_iter()
+                            .map(
+                                |(
+                                    id,
+                                    priority,
+                                    blocks,
+                                    prompt_tokens,
+                                    output_tokens,
+                                    arrival_us,
+                                )| {
+                                    llumen_policy_logic::MigrationCandidate {
+                                        id,
+                                        priority,
+                                        blocks,
+                                        prompt_tokens,
+                                        output_tokens,
+                                        arrival_us,
+                                    }
+                                },
+                            )
+                            .collect())
+                    }
+                    other => Err(format!("unexpected answer to candidates: {other:?}")),
+                }
+            }
+            .await;
+            result.unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "asking a joined instance for migration candidates");
+                Vec::new()
+            })
+        })
     }
 
     fn stop(&self) {
@@ -312,13 +429,61 @@ impl InstanceLink for RemoteLink {
     fn kind(&self) -> &'static str {
         "remote"
     }
+
+    fn migrate_out(
+        &self,
+        migration_id: u64,
+        request: u64,
+        destination: u32,
+        addr: std::net::SocketAddr,
+        _transport: &Arc<crate::migration::MigrationTransport>,
+    ) -> Result<tokio::sync::oneshot::Receiver<crate::llumlet::MigrationReport>, String> {
+        use crate::llumlet::MigrationReport;
+        if let Some(reason) = self.conn.close_reason() {
+            return Err(format!("instance connection closed: {reason}"));
+        }
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            let result: Result<MigrationReport, String> = async {
+                let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                write_frame(
+                    &mut send,
+                    &Frame::MigrateOut {
+                        migration_id,
+                        request,
+                        destination,
+                        addr: addr.to_string(),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
+                match reader.next().await.map_err(|e| e.to_string())? {
+                    Some(Frame::AdminReply { json }) => {
+                        serde_json::from_str(&json).map_err(|e| e.to_string())
+                    }
+                    Some(Frame::Error(e)) => Err(e.to_string()),
+                    other => Err(format!("unexpected answer to migrate-out: {other:?}")),
+                }
+            }
+            .await;
+            let _ = done.send(result.unwrap_or_else(|e| {
+                MigrationReport::NotStarted(format!("joined source instance: {e}"))
+            }));
+        });
+        Ok(rx)
+    }
 }
 
 async fn run_assignment(
     conn: quinn::Connection,
     job: Assignment,
     events: EventSender,
+    routes: crate::llumlet::Routes,
 ) -> Result<(), String> {
+    let request = job.request_id;
     let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     write_frame(&mut send, &Frame::Assign(job))
         .await
@@ -351,6 +516,11 @@ async fn run_assignment(
                     let _ = events.send(InstanceEvent::Failed(e));
                     return Ok(());
                 }
+                Some(Frame::Moved { .. }) => {
+                    // Migrated away: the destination claims the channel.
+                    routes.park(request, events);
+                    return Ok(());
+                }
                 Some(other) => return Err(format!("unexpected {} frame from an instance", other.name())),
                 None => return Err("the instance ended the stream early".into()),
             }
@@ -359,18 +529,72 @@ async fn run_assignment(
 }
 
 /// The instance side of an assignment stream (used by `llumen instance`).
-pub async fn serve_assignment(
+/// The instance side of a stream the manager opens (used by `llumen
+/// instance`): an assignment (tokens back until the end) or a migrate-out
+/// order (the report back when the migration ends).
+pub async fn serve_manager_stream(
     llumlet: Arc<crate::llumlet::Llumlet>,
+    transport: Arc<crate::migration::MigrationTransport>,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
     let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
     let job = match reader.next().await {
         Ok(Some(Frame::Assign(job))) => job,
+        Ok(Some(Frame::Candidates)) => {
+            let rows: Vec<(u64, u8, u32, u32, u32, u64)> = llumlet
+                .migration_candidates()
+                .await
+                .into_iter()
+                .map(|c| {
+                    (
+                        c.id,
+                        c.priority,
+                        c.blocks,
+                        c.prompt_tokens,
+                        c.output_tokens,
+                        c.arrival_us,
+                    )
+                })
+                .collect();
+            let json = serde_json::to_string(&rows).expect("candidates serialize");
+            let _ = write_frame(&mut send, &Frame::AdminReply { json }).await;
+            let _ = send.finish();
+            return;
+        }
+        Ok(Some(Frame::MigrateOut {
+            migration_id,
+            request,
+            destination,
+            addr,
+        })) => {
+            let report = match addr.parse() {
+                Ok(addr) => {
+                    let mailbox = llumlet.mailbox();
+                    let link = transport.open(addr, destination, migration_id, mailbox.clone());
+                    mailbox
+                        .migrate_out(migration_id, request, link)
+                        .await
+                        .unwrap_or_else(|_| {
+                            crate::llumlet::MigrationReport::NotStarted("instance stopped".into())
+                        })
+                }
+                Err(e) => crate::llumlet::MigrationReport::NotStarted(format!(
+                    "bad address {addr:?}: {e}"
+                )),
+            };
+            let json = serde_json::to_string(&report).expect("reports serialize");
+            let _ = write_frame(&mut send, &Frame::AdminReply { json }).await;
+            let _ = send.finish();
+            return;
+        }
         Ok(_) => {
             return reply_error(
                 &mut send,
-                ServeError::new(ErrorCode::Malformed, "expected an assign frame"),
+                ServeError::new(
+                    ErrorCode::Malformed,
+                    "expected an assign or migrate-out frame",
+                ),
             )
             .await
         }
@@ -409,8 +633,8 @@ pub async fn serve_assignment(
                         true,
                     ),
                     Some(InstanceEvent::Failed(e)) => (Frame::Error(e), true),
-                    // Joined instances take no migrations in (yet).
                     Some(InstanceEvent::Moved { .. }) => continue,
+                    Some(InstanceEvent::MovedAway) => (Frame::Moved { instance: llumlet.instance() }, true),
                     None => (Frame::Error(ServeError::new(ErrorCode::Unavailable, "instance stopped")), true),
                 };
                 if write_frame(&mut send, &frame).await.is_err() {

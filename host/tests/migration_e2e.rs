@@ -159,3 +159,169 @@ async fn requests_migrated_mid_decode_produce_the_same_tokens() {
     Arc::try_unwrap(client).ok().unwrap().close().await;
     assert!(server.stop().success());
 }
+
+/// Joined instances in their own processes migrate requests between them
+/// (KV over QUIC from one process to the other, the stream resumed to the
+/// manager); then a destination process is killed during a migration:
+/// every request still completes once, with the tokens it would have had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_instances_migrate_and_survive_a_killed_destination() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let server = Server::start(&data_dir, &["--instances", "0", "--no-migrate"]);
+    let join = |name: &str| {
+        let log = std::fs::File::create(tmp.path().join(format!("{name}.log"))).unwrap();
+        let mut child = Command::new(common::llumen())
+            .args([
+                "instance",
+                "--model",
+                "tiny",
+                "--blocks",
+                "256",
+                "--join",
+                &server.quic().to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        (child, v["instance"].as_u64().unwrap() as u32)
+    };
+    let (mut a, a_id) = join("a");
+    let (mut b, b_id) = join("b");
+    let (mut c, c_id) = join("c");
+    let admin = server.client().await;
+    let token = server.token();
+    for _ in 0..200 {
+        let s = admin
+            .admin(&token, &AdminCommand::Status, &[])
+            .await
+            .unwrap();
+        if s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| !i["load"].is_null())
+            .count()
+            == 3
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = Arc::new(server.client().await);
+    let tasks = run_all(&client).await;
+    // Wait until requests run everywhere, then move some between processes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let migrate = |source: u32, destination: u32| {
+        let admin = &admin;
+        let token = &token;
+        async move {
+            admin
+                .admin(
+                    token,
+                    &AdminCommand::Migrate {
+                        source,
+                        destination,
+                        request: None,
+                    },
+                    &[],
+                )
+                .await
+        }
+    };
+    let mut committed = 0;
+    for i in 0..60 {
+        let (s, d) = if i % 2 == 0 {
+            (a_id, b_id)
+        } else {
+            (b_id, a_id)
+        };
+        let _ = migrate(s, d).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let st = admin
+            .admin(&token, &AdminCommand::Status, &[])
+            .await
+            .unwrap();
+        committed = st["migrations"]["committed"].as_u64().unwrap();
+        if committed >= 3 {
+            break;
+        }
+    }
+    let logs = || {
+        ["a", "b", "c"]
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- instance {n}:\n{}",
+                    std::fs::read_to_string(tmp.path().join(format!("{n}.log")))
+                        .unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        committed >= 3,
+        "only {committed} migrations between joined instances committed\n{}\n{}",
+        server.stderr(),
+        logs()
+    );
+    // Now a migration into C, and C killed right away.
+    let into_c = migrate(a_id, c_id).await.or(migrate(b_id, c_id).await);
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let mut outputs = Vec::new();
+    for t in tasks {
+        outputs.push(t.await.unwrap());
+    }
+    eprintln!("migration into C: {into_c:?}");
+    let status = admin
+        .admin(&token, &AdminCommand::Status, &[])
+        .await
+        .unwrap();
+    eprintln!("migrations: {}", status["migrations"]);
+    // The reference: each prompt alone on the survivors, no migration.
+    let mut reference = Vec::new();
+    for p in prompts() {
+        reference.push(
+            client
+                .generate(&GenerateRequest::text(p, MAX_TOKENS))
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap(),
+        );
+    }
+    for (i, (got, want)) in outputs.iter().zip(&reference).enumerate() {
+        assert_eq!(got.tokens.len(), MAX_TOKENS as usize, "request {i}");
+        assert_eq!(
+            got.tokens,
+            want.tokens,
+            "request {i} (moved {} times)\n{}",
+            got.finish.moves,
+            server.stderr()
+        );
+    }
+    assert!(outputs.iter().any(|c| c.finish.moves > 0));
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    admin.close().await;
+    Arc::try_unwrap(client).ok().unwrap().close().await;
+    assert!(server.stop().success());
+}
