@@ -136,6 +136,9 @@ enum Command {
         bytes: Vec<u8>,
         reply: MigrationLink,
     },
+    IncomingLost {
+        migration_id: MigrationId,
+    },
     Stop,
 }
 
@@ -179,6 +182,14 @@ impl Mailbox {
     /// The link of an outgoing migration broke.
     pub fn link_lost(&self, migration_id: MigrationId) {
         let _ = self.commands.send(Command::LinkLost { migration_id });
+    }
+
+    /// The stream of incoming migration `migration_id` broke: it is aborted
+    /// here (a committed copy included: the source may never have heard of
+    /// the commit, and a request left without any copy is placed again by
+    /// its relay).
+    pub fn incoming_lost(&self, migration_id: MigrationId) {
+        let _ = self.commands.send(Command::IncomingLost { migration_id });
     }
 
     /// A message from the source of an incoming migration; replies go to
@@ -473,6 +484,17 @@ impl<B: ModelBackend> StepLoop<B> {
                 self.settle(migration_id);
             }
             Command::FromSource { bytes, reply } => self.from_source(bytes, reply),
+            Command::IncomingLost { migration_id } => {
+                let abort = MigrationMessage::Abort {
+                    migration_id,
+                    reason: llumen_engine::AbortReason::Cancelled,
+                };
+                let _ = self
+                    .incoming
+                    .handle(&mut self.engine, abort, clock::now_us());
+                self.replies.remove(&migration_id);
+                self.destination_events();
+            }
             Command::Stop => return false,
         }
         true

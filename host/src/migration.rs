@@ -91,6 +91,19 @@ impl MessageReader {
     }
 }
 
+/// Fault injection for tests of the abort paths: with
+/// `LLUMEN_FAULT_MIGRATION_DROP_AFTER=N` in its environment, a process's
+/// outgoing migrations close their QUIC connection instead of sending their
+/// message number N (0-based). Never set in production.
+fn fault_drop_after() -> Option<usize> {
+    static DROP_AFTER: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *DROP_AFTER.get_or_init(|| {
+        std::env::var("LLUMEN_FAULT_MIGRATION_DROP_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 /// The source side's connection to the endpoints it migrates to.
 pub struct MigrationTransport {
     endpoint: quinn::Endpoint,
@@ -155,10 +168,20 @@ impl MigrationTransport {
                     crate::protocol::MAX_MIGRATION_CHUNK + 64,
                 ));
                 let mut sending = true;
+                let mut sent = 0usize;
+                let drop_after = fault_drop_after();
                 loop {
                     tokio::select! {
                         out = rx.recv(), if sending => match out {
-                            Some(bytes) => write_message(&mut send, &bytes).await.map_err(|e| e.to_string())?,
+                            Some(bytes) => {
+                                if drop_after.is_some_and(|n| sent >= n) {
+                                    // Fault injection: the connection dies here.
+                                    conn.close(1u32.into(), b"fault injection: migration connection dropped");
+                                    return Err("fault injection: connection dropped".into());
+                                }
+                                write_message(&mut send, &bytes).await.map_err(|e| e.to_string())?;
+                                sent += 1;
+                            }
                             None => {
                                 // The source is done with this migration.
                                 sending = false;
@@ -196,10 +219,18 @@ pub async fn serve_incoming(
 ) {
     let mut messages = MessageReader::new(reader);
     let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    // The migration this stream carries (from its first message, a small
+    // `Reserve`), to abort it if the stream breaks.
+    let mut migration_id = None;
     loop {
         tokio::select! {
             m = messages.next() => match m {
                 Ok(Some(bytes)) => {
+                    if migration_id.is_none() {
+                        migration_id = llumen_engine::MigrationMessage::decode(&bytes)
+                            .ok()
+                            .map(|m| m.migration_id());
+                    }
                     if !destination.from_source(bytes, reply_tx.clone()) {
                         return;
                     }
@@ -222,6 +253,9 @@ pub async fn serve_incoming(
                 }
                 Err(e) => {
                     tracing::warn!(instance = destination.instance(), error = %e, "incoming migration stream failed");
+                    if let Some(id) = migration_id {
+                        destination.incoming_lost(id);
+                    }
                     return;
                 }
             },

@@ -325,3 +325,165 @@ async fn joined_instances_migrate_and_survive_a_killed_destination() {
     Arc::try_unwrap(client).ok().unwrap().close().await;
     assert!(server.stop().success());
 }
+
+/// The source's connection to the destination dies in the middle of each
+/// migration (fault injection in the source process): every migration is
+/// given up, the requests go on where they were and finish with the tokens
+/// they would have had, and the destination holds nothing afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_migration_connection_leaves_requests_whole() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let server = Server::start(&data_dir, &["--instances", "0", "--no-migrate"]);
+    let join = |name: &str, fault: Option<&str>| {
+        let log = std::fs::File::create(tmp.path().join(format!("{name}.log"))).unwrap();
+        let mut cmd = Command::new(common::llumen());
+        cmd.args([
+            "instance",
+            "--model",
+            "tiny",
+            "--blocks",
+            "256",
+            "--join",
+            &server.quic().to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .stdout(Stdio::piped())
+        .stderr(log);
+        if let Some(n) = fault {
+            cmd.env("LLUMEN_FAULT_MIGRATION_DROP_AFTER", n);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        (child, v["instance"].as_u64().unwrap() as u32)
+    };
+    // A drops its migration connection instead of sending its second
+    // message (after the reservation was granted: a copy stage or the
+    // commit, the request detached for it).
+    let (mut a, a_id) = join("a", Some("1"));
+    let (mut b, b_id) = join("b", None);
+    let admin = server.client().await;
+    let token = server.token();
+    for _ in 0..200 {
+        let s = admin
+            .admin(&token, &AdminCommand::Status, &[])
+            .await
+            .unwrap();
+        if s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| !i["load"].is_null())
+            .count()
+            == 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = Arc::new(server.client().await);
+    let tasks = run_all(&client).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut aborted = 0;
+    for _ in 0..100 {
+        if tasks.iter().all(|t| t.is_finished()) || aborted >= 3 {
+            break;
+        }
+        let _ = admin
+            .admin(
+                &token,
+                &AdminCommand::Migrate {
+                    source: a_id,
+                    destination: b_id,
+                    request: None,
+                },
+                &[],
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let st = admin
+            .admin(&token, &AdminCommand::Status, &[])
+            .await
+            .unwrap();
+        aborted = st["migrations"]["aborted"].as_u64().unwrap();
+    }
+    let mut outputs = Vec::new();
+    for t in tasks {
+        outputs.push(t.await.unwrap());
+    }
+    let status = admin
+        .admin(&token, &AdminCommand::Status, &[])
+        .await
+        .unwrap();
+    eprintln!(
+        "migrations with dropped connections: {}",
+        status["migrations"]
+    );
+    assert!(
+        aborted >= 1,
+        "no migration was cut: {}",
+        status["migrations"]
+    );
+    assert_eq!(
+        status["migrations"]["committed"], 0,
+        "{}",
+        status["migrations"]
+    );
+    let mut reference = Vec::new();
+    for p in prompts() {
+        reference.push(
+            client
+                .generate(&GenerateRequest::text(p, MAX_TOKENS))
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap(),
+        );
+    }
+    for (i, (got, want)) in outputs.iter().zip(&reference).enumerate() {
+        assert_eq!(got.tokens, want.tokens, "request {i}");
+    }
+    // Nothing held anywhere once idle (the destination dropped its
+    // reservations when the streams broke).
+    let mut clean = false;
+    for _ in 0..100 {
+        let s = admin
+            .admin(&token, &AdminCommand::Status, &[])
+            .await
+            .unwrap();
+        clean = s["instances"].as_array().unwrap().iter().all(|i| {
+            i["load"]["used_blocks"] == 0
+                && i["load"]["migrating_in"] == 0
+                && i["load"]["migrating_out"] == 0
+        });
+        if clean {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        clean,
+        "blocks or migrations left over: {}",
+        admin
+            .admin(&token, &AdminCommand::Status, &[])
+            .await
+            .unwrap()["instances"]
+    );
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    admin.close().await;
+    Arc::try_unwrap(client).ok().unwrap().close().await;
+    assert!(server.stop().success());
+}
