@@ -103,6 +103,16 @@ impl InstanceLink for BenchLink {
     fn kind(&self) -> &'static str {
         "bench"
     }
+    fn migrate_out(
+        &self,
+        _migration_id: u64,
+        _request: u64,
+        _destination: u32,
+        _addr: std::net::SocketAddr,
+        _transport: &Arc<llumen_host::migration::MigrationTransport>,
+    ) -> Result<tokio::sync::oneshot::Receiver<llumen_host::llumlet::MigrationReport>, String> {
+        Err("the dispatch benchmark's instances run nothing".into())
+    }
 }
 
 use crate::rng::Rng;
@@ -282,7 +292,7 @@ fn build(
         let link = Arc::new(BenchLink {
             assigned: AtomicU64::new(0),
         });
-        manager.register(manager.next_instance_id(), link.clone());
+        manager.register(manager.next_instance_id(), link.clone(), None);
         links.push(link);
     }
     let sink = manager.load_sink();

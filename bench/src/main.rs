@@ -4,7 +4,9 @@
 //! same logic compiled natively), `dispatch` (decisions per second through
 //! the global scheduler), `quic-overhead` (a request's round trip over
 //! llumen's QUIC API against a bare quinn echo) and `engine` (decode/prefill
-//! throughput of one instance; measured latency profiles). The simulator
+//! throughput of one instance; measured latency profiles) and `migration`
+//! (live migration of a running request over QUIC loopback: downtime,
+//! stages, recompute baseline, QUIC vs TCP bandwidth). The simulator
 //! (`sim`), the live driver (`live`) and the other micro benchmarks join it
 //! here.
 //!
@@ -14,6 +16,7 @@
 
 mod dispatch;
 mod engine_bench;
+mod migration_bench;
 mod policy_overhead;
 mod quic_overhead;
 mod rng;
@@ -38,6 +41,8 @@ enum Command {
     QuicOverhead(quic_overhead::Args),
     /// Decode and prefill throughput of one engine instance; writes a measured latency profile.
     Engine(engine_bench::Args),
+    /// Live migration of a running request between two engines over QUIC loopback: downtime, stages, recompute baseline, QUIC vs TCP bandwidth.
+    Migration(migration_bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -46,5 +51,6 @@ fn main() -> Result<()> {
         Command::Dispatch(args) => dispatch::run(&args),
         Command::QuicOverhead(args) => quic_overhead::run(&args),
         Command::Engine(args) => engine_bench::run(&args),
+        Command::Migration(args) => migration_bench::run(&args),
     }
 }

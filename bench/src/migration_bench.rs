@@ -1,0 +1,1293 @@
+//! `llumen-bench migration`: live migration of a running request between two
+//! engine instances, KV cache and all, over a real QUIC loopback connection
+//! (Llumnix §6.2's migration micro-benchmark).
+//!
+//! For every model and context length L:
+//! - two engines (source and destination) over the same `LoadedModel`, each
+//!   with a KV pool sized for the long request plus the short ones
+//!   (`InstanceShape { num_blocks, block_size: 16 }`, `scheduler_config`);
+//! - on the source, a greedy request with a prompt of L seeded pseudo-random
+//!   token ids (shortened so that prompt + its decode budget fits the model's
+//!   context; lengths over the context are skipped), installed as if
+//!   prefilled with seeded synthetic KV through the engine's attach path
+//!   (`--prefill-source`: a real prefill, minutes for SmolLM2 at 8k), then
+//!   `--others` short requests decoding alongside; a few warm-up decode
+//!   steps, then `--before-steps` timed ones;
+//! - the long request migrates with the engine's `SourceMigration` /
+//!   `DestinationMigration` on the host's clock (`clock::now_us`). The source
+//!   side runs on this thread as a llumlet does: between two engine steps it
+//!   takes the destination's replies and hands the state machine's messages
+//!   to a tokio task, and keeps stepping (the request decodes during the
+//!   pre-copy stages, the other requests all along). The destination runs on
+//!   its own thread. Every message crosses one QUIC stream of a warm loopback
+//!   connection (the host's TLS identity and transport config,
+//!   `migration::write_message` / `MessageReader` over `FrameReader`);
+//! - after `Committed`, the destination steps once and must emit the
+//!   request's next token (the index continuing where the source stopped).
+//!
+//! Figures per length: `downtime_ms` (the outcome's detach → `Committed` as
+//! the source sees it, i.e. including the wait for the source's current
+//! step to end; `detach_to_destination_commit_ms` leaves that wait out),
+//! `total_ms` (start → end), the stages and their blocks, KV
+//! bytes moved; the baselines: `recompute_ms` (a prefill of the prompt on
+//! the idle destination engine, what a migration by recompute costs; not
+//! measured where predicted over `--recompute-budget-s`) and
+//! `decode_step_ms` (median source step of the whole batch before the
+//! migration); the others' slowdown: wall time per source step (step end to
+//! step end, so the source's migration work between steps counts) before
+//! the migration and during its pre-copy stages (same batch).
+//!
+//! Also, in the same run: bulk bandwidth on loopback of QUIC (the same
+//! endpoints and transport config, migration-sized messages through
+//! `write_message` / `MessageReader`; plus bare quinn `write_all`) against a
+//! tokio `TcpStream` (length-prefixed messages), median of 3.
+//!
+//! What it must not touch: anything outside loopback and its temporary
+//! directory; the host's server (only its public transport helpers).
+
+use std::net::SocketAddr;
+use std::sync::mpsc as smpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use llumen_engine::candle::CandleBackend;
+use llumen_engine::{
+    models, BlockId, DestinationEvent, DestinationMigration, DetachedSequence, Engine,
+    MigrationConfig, MigrationMessage as Message, MigrationOutcome, MigrationResult, ModelBackend,
+    Request, SamplingParams, SeqEvent, SeqId, SourceMigration, SourceState, TokenId,
+};
+use llumen_host::clock;
+use llumen_host::migration::{write_message, MessageReader};
+use llumen_host::model::{InstanceShape, LoadedModel, ModelChoice};
+use llumen_host::protocol::MAX_MIGRATION_CHUNK;
+use llumen_host::tls::{self, Trust};
+use llumen_host::wire::FrameReader;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc as tmpsc;
+
+use crate::rng::Rng;
+
+const BLOCK: usize = 16;
+/// The migrated request.
+const LONG: SeqId = 1;
+/// Decode budget of the migrated request (it must not finish mid-migration).
+const LONG_MAX_TOKENS: usize = 128;
+const OTHER_PROMPT: usize = 32;
+const OTHER_MAX_TOKENS: usize = 512;
+/// Decode steps before the timed ones.
+const WARMUP_STEPS: usize = 3;
+/// Frame limit of migration streams (as the host reads them).
+const MAX_FRAME: usize = MAX_MIGRATION_CHUNK + 64;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Models: `tiny` (random test model) and/or `smollm2` (skipped when its
+    /// GGUF file is not installed).
+    #[arg(long, value_delimiter = ',', default_value = "tiny,smollm2")]
+    models: Vec<String>,
+    /// Context lengths (prompt tokens of the migrated request).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "256,512,1024,2048,4096,8192"
+    )]
+    lengths: Vec<usize>,
+    /// Short requests decoding alongside the migrated one.
+    #[arg(long, default_value_t = 3)]
+    others: usize,
+    /// Decode steps timed before the migration.
+    #[arg(long, default_value_t = 6)]
+    before_steps: usize,
+    /// Largest KV pool of one engine, MiB (longer contexts are skipped).
+    #[arg(long, default_value_t = 2048)]
+    max_pool_mib: usize,
+    /// MiB sent per transport and run in the QUIC vs TCP bandwidth test.
+    #[arg(long, default_value_t = 256)]
+    transfer_mib: usize,
+    /// Message size of the bandwidth test, MiB.
+    #[arg(long, default_value_t = 8)]
+    message_mib: usize,
+    /// The recompute baseline (a prefill of the prompt on the destination)
+    /// is skipped for a length when its predicted time (the last measured
+    /// one scaled by the square of the length ratio) is over this many
+    /// seconds: SmolLM2 takes over 3 minutes at 8k tokens on 2 cores.
+    #[arg(long, default_value_t = 30.0)]
+    recompute_budget_s: f64,
+    /// Prefill the migrated request on the source for real instead of
+    /// installing it with synthetic KV (seeded values; the same bytes to
+    /// move and the same decode work, without the minutes of prefill).
+    #[arg(long)]
+    prefill_source: bool,
+    /// Print one JSON document on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Clone)]
+struct LengthResult {
+    length: usize,
+    prompt_tokens: usize,
+    /// Tokens of KV the request held when the migration started.
+    context_tokens_at_start: usize,
+    committed: bool,
+    result: String,
+    /// The outcome's `downtime_us`: detach → the source handles
+    /// `Committed`. The source reads replies between two steps (as a
+    /// llumlet does), so this includes the wait for the step of the other
+    /// requests that was running when `Committed` arrived.
+    downtime_ms: Option<f64>,
+    total_ms: f64,
+    stages: usize,
+    blocks_per_stage: Vec<u32>,
+    /// Send → acknowledgement of every stage (the last: → `Committed`).
+    stage_ms: Vec<Option<f64>>,
+    /// KV bytes copied (all stages).
+    bytes: u64,
+    last_stage_bytes: u64,
+    /// Encoded message bytes that crossed QUIC, both directions.
+    wire_bytes: u64,
+    /// bytes / total_ms.
+    effective_mb_per_s: f64,
+    /// Detach → the destination's commit (one process, one clock): the
+    /// request's time out of every batch.
+    detach_to_destination_commit_ms: Option<f64>,
+    /// Detach → the destination's first token of the request.
+    detach_to_destination_token_ms: Option<f64>,
+    /// The destination's first token carried the next index.
+    destination_continued: bool,
+    /// Time on the source thread inside the state machine (exports, encoding).
+    source_migration_work_ms: f64,
+    /// Time on the destination thread handling messages (decoding, imports).
+    destination_migration_work_ms: f64,
+    /// Prefill of the prompt alone on the (idle) destination engine: what a
+    /// migration by recompute costs. `None`: over `--recompute-budget-s`.
+    recompute_ms: Option<f64>,
+    /// Why `recompute_ms` is missing.
+    recompute_note: Option<String>,
+    /// The request's own prefill on the source (`--prefill-source`); without
+    /// it the request is installed with synthetic KV.
+    source_prefill_ms: Option<f64>,
+    /// Median source step (the long request + the others) before migrating.
+    decode_step_ms: f64,
+    recompute_in_decode_steps: Option<f64>,
+    /// Mean wall time per source step (end to end) before the migration.
+    others_step_ms_before: f64,
+    /// The same during the pre-copy stages (the long request still decoding
+    /// in the batch); `None` when no step fell in them.
+    others_step_ms_during: Option<f64>,
+    steps_during: usize,
+    /// others_step_ms_during / others_step_ms_before − 1, percent.
+    others_slowdown_pct: Option<f64>,
+    /// Source steps between detach and the end (the batch without the
+    /// long request), mean wall time.
+    steps_after_detach: usize,
+    others_step_ms_after_detach: Option<f64>,
+    downtime_below_decode_step: bool,
+    detach_to_commit_below_decode_step: bool,
+}
+
+#[derive(Serialize)]
+struct Skipped {
+    length: usize,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct ModelReport {
+    model: String,
+    /// Set (and nothing measured) when the model is not available.
+    skipped: Option<String>,
+    backend: String,
+    max_context: usize,
+    kv_bytes_per_token: usize,
+    results: Vec<LengthResult>,
+    skipped_lengths: Vec<Skipped>,
+    /// Of `downtime_ms` across the lengths (committed migrations).
+    downtime: Option<Spread>,
+    /// The target: every migration committed, and the downtime's max and
+    /// min within ±20% of its mean.
+    downtime_flat: Option<bool>,
+    /// Of `detach_to_destination_commit_ms` (not a target: see the field).
+    detach_to_commit: Option<Spread>,
+}
+
+/// Spread of a figure across lengths.
+#[derive(Serialize)]
+struct Spread {
+    min_ms: f64,
+    mean_ms: f64,
+    max_ms: f64,
+    /// max and min within ±20% of the mean.
+    flat: bool,
+}
+
+fn spread(values: &[f64]) -> Option<Spread> {
+    let avg = mean(values)?;
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some(Spread {
+        min_ms: round(lo, 3),
+        mean_ms: round(avg, 3),
+        max_ms: round(hi, 3),
+        flat: hi <= 1.2 * avg && lo >= 0.8 * avg,
+    })
+}
+
+#[derive(Serialize)]
+struct ConfigReport {
+    block_size: usize,
+    last_stage_max_blocks: usize,
+    max_precopy_stages: u32,
+    reserve_slack_blocks: usize,
+    long_request_max_tokens: usize,
+    other_requests: usize,
+    other_prompt_tokens: usize,
+    other_max_tokens: usize,
+    warmup_steps: usize,
+    before_steps: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    benchmark: &'static str,
+    threads: usize,
+    config: ConfigReport,
+    models: Vec<ModelReport>,
+    transfer_bytes: usize,
+    message_bytes: usize,
+    /// QUIC through the migration path (`write_message` / `MessageReader`).
+    quic_mb_per_s: f64,
+    /// QUIC, bare `write_all` / `read_chunk` (no llumen framing).
+    quic_raw_mb_per_s: f64,
+    tcp_mb_per_s: f64,
+    quic_tcp_ratio: f64,
+    /// Targets: `downtime_ms` below `decode_step_ms` at every length (and
+    /// every migration committed); `downtime_flat` for every model; QUIC at
+    /// least half of TCP's bandwidth.
+    downtime_below_decode_step: bool,
+    downtime_flat: bool,
+    quic_at_least_half_tcp: bool,
+    /// Not targets: the same two checks on `detach_to_destination_commit_ms`
+    /// (the request's time out of every batch, without the source's wait
+    /// for its current step to end before it reads `Committed`).
+    detach_to_commit_below_decode_step: bool,
+    detach_to_commit_flat: bool,
+    notes: Vec<String>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+fn prompt(seed: u64, len: usize, vocab: usize) -> Vec<TokenId> {
+    let mut rng = Rng(seed);
+    (0..len).map(|_| rng.below(vocab as u32)).collect()
+}
+
+fn request(id: SeqId, prompt: Vec<TokenId>, max_tokens: usize) -> Request {
+    Request {
+        id,
+        prompt,
+        sampling: SamplingParams::greedy(max_tokens as u32),
+        priority: 0,
+        headroom_blocks: 0,
+        arrival_us: clock::now_us(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// QUIC plumbing
+// ---------------------------------------------------------------------------
+
+/// Both ends of one warm loopback QUIC connection.
+struct Link {
+    _server: quinn::Endpoint,
+    client_endpoint: quinn::Endpoint,
+    /// The source's side (it opens the streams).
+    client: quinn::Connection,
+    /// The destination's side.
+    server: quinn::Connection,
+}
+
+async fn connect(dir: &std::path::Path) -> Result<Link> {
+    let (identity, _) = tls::load_or_create_identity(dir)?;
+    let trust = Trust::Fingerprint(identity.fingerprint.clone());
+    let server = tls::server_endpoint("127.0.0.1:0".parse()?, &identity)?;
+    let addr: SocketAddr = server.local_addr()?;
+    let client_endpoint = tls::client_endpoint(addr, &trust)?;
+    let accept = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let incoming = server.accept().await.context("server endpoint closed")?;
+            Ok::<_, anyhow::Error>(incoming.await?)
+        })
+    };
+    let client = client_endpoint.connect(addr, tls::SERVER_NAME)?.await?;
+    let server_conn = accept.await??;
+    Ok(Link {
+        _server: server,
+        client_endpoint,
+        client,
+        server: server_conn,
+    })
+}
+
+/// The source's end of one migration stream: messages from the source
+/// thread go out, replies come back to it.
+async fn source_stream(
+    conn: quinn::Connection,
+    mut out: tmpsc::UnboundedReceiver<Vec<u8>>,
+    replies_tx: smpsc::Sender<Vec<u8>>,
+) -> Result<()> {
+    let (mut send, recv) = conn.open_bi().await?;
+    let mut replies = MessageReader::new(FrameReader::new(recv, MAX_FRAME));
+    let mut sending = true;
+    loop {
+        tokio::select! {
+            m = out.recv(), if sending => match m {
+                Some(bytes) => write_message(&mut send, &bytes).await?,
+                None => {
+                    sending = false;
+                    let _ = send.finish();
+                }
+            },
+            r = replies.next() => match r.map_err(|e| anyhow!(e))? {
+                Some(bytes) => {
+                    if replies_tx.send(bytes).is_err() {
+                        return Ok(());
+                    }
+                }
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// The destination's end: messages go to the destination thread, its
+/// replies go back on the stream.
+async fn destination_stream(
+    conn: quinn::Connection,
+    to_dst: smpsc::Sender<Vec<u8>>,
+    mut replies: tmpsc::UnboundedReceiver<Vec<u8>>,
+) -> Result<()> {
+    let (mut send, recv) = conn.accept_bi().await?;
+    let mut messages = MessageReader::new(FrameReader::new(recv, MAX_FRAME));
+    let mut to_dst = Some(to_dst);
+    loop {
+        tokio::select! {
+            m = messages.next(), if to_dst.is_some() => match m.map_err(|e| anyhow!(e))? {
+                Some(bytes) => {
+                    if let Some(tx) = &to_dst {
+                        let _ = tx.send(bytes);
+                    }
+                }
+                // The source is done: let the destination thread finish.
+                None => to_dst = None,
+            },
+            r = replies.recv() => match r {
+                Some(bytes) => write_message(&mut send, &bytes).await?,
+                None => {
+                    let _ = send.finish();
+                    return Ok(());
+                }
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bandwidth: QUIC vs TCP
+// ---------------------------------------------------------------------------
+
+async fn quic_transfer(link: &Link, total: usize, msg: usize, framed: bool) -> Result<Duration> {
+    let n = total / msg;
+    let server = link.server.clone();
+    let receiver = tokio::spawn(async move {
+        let (_send, mut recv) = server.accept_bi().await?;
+        let mut bytes = 0usize;
+        if framed {
+            let mut reader = MessageReader::new(FrameReader::new(recv, MAX_FRAME));
+            while let Some(m) = reader.next().await.map_err(|e| anyhow!(e))? {
+                bytes += m.len();
+            }
+        } else {
+            while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+                bytes += chunk.bytes.len();
+            }
+        }
+        Ok::<_, anyhow::Error>((bytes, Instant::now()))
+    });
+    let message = vec![0xa5u8; msg];
+    let started = Instant::now();
+    let (mut send, _recv) = link.client.open_bi().await?;
+    for _ in 0..n {
+        if framed {
+            write_message(&mut send, &message).await?;
+        } else {
+            send.write_all(&message).await?;
+        }
+    }
+    send.finish()?;
+    let (bytes, done) = receiver.await??;
+    ensure!(
+        bytes == n * msg,
+        "QUIC received {bytes} of {} bytes",
+        n * msg
+    );
+    Ok(done - started)
+}
+
+async fn tcp_transfer(total: usize, msg: usize) -> Result<Duration> {
+    let n = total / msg;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let receiver = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await?;
+        let mut bytes = 0usize;
+        loop {
+            let mut len = [0u8; 8];
+            match stream.read_exact(&mut len).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e.into()),
+            }
+            let mut m = vec![0u8; u64::from_le_bytes(len) as usize];
+            stream.read_exact(&mut m).await?;
+            bytes += m.len();
+        }
+        Ok::<_, anyhow::Error>((bytes, Instant::now()))
+    });
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let message = vec![0xa5u8; msg];
+    let started = Instant::now();
+    for _ in 0..n {
+        stream.write_all(&(msg as u64).to_le_bytes()).await?;
+        stream.write_all(&message).await?;
+    }
+    stream.shutdown().await?;
+    let (bytes, done) = receiver.await??;
+    ensure!(
+        bytes == n * msg,
+        "TCP received {bytes} of {} bytes",
+        n * msg
+    );
+    Ok(done - started)
+}
+
+struct Bandwidth {
+    quic: f64,
+    quic_raw: f64,
+    tcp: f64,
+}
+
+async fn bandwidth(link: &Link, total: usize, msg: usize) -> Result<Bandwidth> {
+    let mbps = |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
+    // Warm the connection (slow start) with one untimed transfer.
+    quic_transfer(link, msg * 4, msg, true).await?;
+    let (mut quic, mut raw, mut tcp) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        quic.push(mbps(quic_transfer(link, total, msg, true).await?));
+        raw.push(mbps(quic_transfer(link, total, msg, false).await?));
+        tcp.push(mbps(tcp_transfer(total, msg).await?));
+    }
+    Ok(Bandwidth {
+        quic: median(&quic),
+        quic_raw: median(&raw),
+        tcp: median(&tcp),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// One migration
+// ---------------------------------------------------------------------------
+
+/// What the destination thread saw.
+#[derive(Default)]
+struct DestinationSide {
+    committed_us: Option<u64>,
+    first_token_us: Option<u64>,
+    first_token_index: Option<u32>,
+    work: Duration,
+    released: Option<String>,
+}
+
+/// The destination thread: serves incoming messages until the stream ends;
+/// after the commit, steps once (the request's next token).
+fn run_destination(
+    engine: &mut Engine<CandleBackend>,
+    config: MigrationConfig,
+    rx: smpsc::Receiver<Vec<u8>>,
+    tx: tmpsc::UnboundedSender<Vec<u8>>,
+    wire_bytes: &mut u64,
+) -> Result<DestinationSide> {
+    let mut dest = DestinationMigration::new(config);
+    let mut side = DestinationSide::default();
+    loop {
+        let bytes = match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(b) => b,
+            Err(smpsc::RecvTimeoutError::Timeout) => {
+                let now = clock::now_us();
+                if dest.poll_timeout().is_some_and(|t| t <= now) {
+                    dest.handle_timeout(engine, now);
+                }
+                continue;
+            }
+            Err(smpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let started = Instant::now();
+        let message = Message::decode(&bytes).context("destination: undecodable message")?;
+        drop(bytes);
+        let replies = dest.handle(engine, message, clock::now_us());
+        for r in replies {
+            let b = r.encode();
+            *wire_bytes += b.len() as u64;
+            let _ = tx.send(b);
+        }
+        side.work += started.elapsed();
+        let mut committed = false;
+        while let Some(e) = dest.poll_event() {
+            match e {
+                DestinationEvent::Committed { .. } => {
+                    side.committed_us = Some(clock::now_us());
+                    committed = true;
+                }
+                DestinationEvent::Released { reason, .. } => {
+                    side.released = Some(format!("{reason:?}"));
+                }
+                _ => {}
+            }
+        }
+        if committed {
+            let report = engine.step(clock::now_us())?;
+            for e in report.events {
+                if let SeqEvent::Token { seq, index, .. } = e {
+                    if seq == LONG {
+                        side.first_token_us = Some(clock::now_us());
+                        side.first_token_index = Some(index);
+                    }
+                }
+            }
+        }
+    }
+    Ok(side)
+}
+
+struct SourceSide {
+    outcome: MigrationOutcome,
+    /// Wall time per step during pre-copy, and after detach.
+    precopy_steps: Vec<f64>,
+    detached_steps: Vec<f64>,
+    work: Duration,
+    /// The last token index of the request the source emitted.
+    last_index: Option<u32>,
+    context_at_start: usize,
+}
+
+/// The source side of one migration, on this thread: replies between
+/// steps, the engine stepping throughout.
+fn run_source(
+    engine: &mut Engine<CandleBackend>,
+    config: MigrationConfig,
+    from_dst: smpsc::Receiver<Vec<u8>>,
+    to_dst: tmpsc::UnboundedSender<Vec<u8>>,
+    wire_bytes: &mut u64,
+) -> Result<SourceSide> {
+    let mut sm = SourceMigration::new(config, 1, LONG);
+    let mut work = Duration::ZERO;
+    let send = |msgs: Vec<Message>, wire_bytes: &mut u64| {
+        for m in msgs {
+            let b = m.encode();
+            *wire_bytes += b.len() as u64;
+            let _ = to_dst.send(b);
+        }
+    };
+    let context_at_start = engine
+        .scheduler()
+        .block_manager()
+        .num_tokens(LONG)
+        .unwrap_or(0);
+    let t = Instant::now();
+    let msgs = sm
+        .start(engine, clock::now_us())
+        .map_err(|e| anyhow!("start: {e}"))?;
+    send(msgs, wire_bytes);
+    work += t.elapsed();
+    let (mut precopy_steps, mut detached_steps) = (Vec::new(), Vec::new());
+    let mut last_index = None;
+    let mut last_step_end = Instant::now();
+    loop {
+        // Replies, between two steps.
+        loop {
+            let bytes = match from_dst.try_recv() {
+                Ok(b) => b,
+                Err(smpsc::TryRecvError::Empty) => break,
+                Err(smpsc::TryRecvError::Disconnected) => bail!("the migration stream broke"),
+            };
+            let t = Instant::now();
+            let m = Message::decode(&bytes).context("source: undecodable reply")?;
+            let out = sm
+                .handle(engine, m, clock::now_us())
+                .map_err(|e| anyhow!("source: {e}"))?;
+            send(out, wire_bytes);
+            work += t.elapsed();
+        }
+        if sm.state().is_terminal() {
+            break;
+        }
+        let now = clock::now_us();
+        if sm.poll_timeout().is_some_and(|d| d <= now) {
+            let t = Instant::now();
+            let out = sm
+                .handle_timeout(engine, now)
+                .map_err(|e| anyhow!("source timeout: {e}"))?;
+            send(out, wire_bytes);
+            work += t.elapsed();
+            continue;
+        }
+        if engine.scheduler().is_idle() {
+            // Nothing to decode: wait for the next reply.
+            let wait = sm.poll_timeout().map_or(Duration::from_millis(50), |d| {
+                Duration::from_micros(d.saturating_sub(now))
+            });
+            match from_dst.recv_timeout(wait) {
+                Ok(bytes) => {
+                    let t = Instant::now();
+                    let m = Message::decode(&bytes).context("source: undecodable reply")?;
+                    let out = sm
+                        .handle(engine, m, clock::now_us())
+                        .map_err(|e| anyhow!("source: {e}"))?;
+                    send(out, wire_bytes);
+                    work += t.elapsed();
+                }
+                Err(smpsc::RecvTimeoutError::Timeout) => {}
+                Err(smpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("the migration stream broke")
+                }
+            }
+            last_step_end = Instant::now();
+            continue;
+        }
+        let precopy = matches!(
+            sm.state(),
+            SourceState::Reserving | SourceState::Copying { .. }
+        );
+        let report = engine.step(clock::now_us())?;
+        let end = Instant::now();
+        for e in &report.events {
+            if let SeqEvent::Token {
+                seq: LONG, index, ..
+            } = e
+            {
+                last_index = Some(*index);
+            }
+        }
+        let wall = ms(end - last_step_end);
+        last_step_end = end;
+        if precopy {
+            precopy_steps.push(wall);
+        } else {
+            detached_steps.push(wall);
+        }
+        let t = Instant::now();
+        let out = sm.on_engine_step(engine, clock::now_us());
+        send(out, wire_bytes);
+        work += t.elapsed();
+    }
+    Ok(SourceSide {
+        outcome: sm.outcome().cloned().context("terminal without outcome")?,
+        precopy_steps,
+        detached_steps,
+        work,
+        last_index,
+        context_at_start,
+    })
+}
+
+/// Prefill of `prompt` alone in one step of `engine` (ms); the request is
+/// left running with one output token.
+fn prefill(
+    engine: &mut Engine<CandleBackend>,
+    id: SeqId,
+    prompt: Vec<TokenId>,
+    max_tokens: usize,
+) -> Result<f64> {
+    let len = prompt.len();
+    engine.add(request(id, prompt, max_tokens), clock::now_us())?;
+    let started = Instant::now();
+    let report = engine.step(clock::now_us())?;
+    let t = ms(started.elapsed());
+    ensure!(
+        report.tokens == len && report.batch_size == 1,
+        "prefill step of {} tokens in {} sequences, expected {len} in 1",
+        report.tokens,
+        report.batch_size
+    );
+    Ok(t)
+}
+
+/// Installs the migrated request on `engine` as if prefilled: a prompt of
+/// `prompt.len()` tokens, one output token, and seeded synthetic KV for the
+/// prompt (f32 values in [-1, 1)), through the engine's attach path. The
+/// migration moves the same bytes and decoding does the same work as after
+/// a real prefill, without its cost (minutes for SmolLM2 at 8k on 2 cores).
+fn install_synthetic(
+    engine: &mut Engine<CandleBackend>,
+    prompt: Vec<TokenId>,
+    seed: u64,
+) -> Result<()> {
+    let kv_tokens = prompt.len();
+    let blocks = kv_tokens.div_ceil(BLOCK);
+    let floats = blocks * engine.backend().kv_bytes_per_block() / 4;
+    let mut rng = Rng(seed);
+    let mut kv = Vec::with_capacity(floats * 4);
+    for _ in 0..floats {
+        let x = (rng.next() >> 40) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0;
+        kv.extend_from_slice(&x.to_le_bytes());
+    }
+    let first = *prompt.last().expect("non-empty prompt");
+    let detached = DetachedSequence {
+        id: LONG,
+        prompt,
+        output: vec![first],
+        sampling: SamplingParams::greedy(LONG_MAX_TOKENS as u32),
+        priority: 0,
+        headroom_blocks: 0,
+        arrival_us: clock::now_us(),
+        preemptions: 0,
+        tokens_recomputed: 0,
+        block_size: BLOCK,
+        // Only its length matters to `attach_with_kv` (blocks to reserve).
+        block_table: vec![BlockId(0); blocks],
+        kv_tokens,
+    };
+    engine.attach_with_kv(&detached, &kv, clock::now_us())?;
+    Ok(())
+}
+
+fn measure_length(
+    model: &LoadedModel,
+    rt: &tokio::runtime::Runtime,
+    link: &Link,
+    args: &Args,
+    length: usize,
+    last_recompute: &mut Option<(usize, f64)>,
+) -> Result<std::result::Result<LengthResult, String>> {
+    let max_context = model.config.max_position;
+    if length > max_context {
+        return Ok(Err(format!(
+            "longer than the model's context ({max_context} tokens)"
+        )));
+    }
+    if length == 0 {
+        return Ok(Err("empty prompt".into()));
+    }
+    let prompt_tokens = length.min(max_context - LONG_MAX_TOKENS);
+    let long_blocks = (prompt_tokens + LONG_MAX_TOKENS).div_ceil(BLOCK);
+    let other_blocks = (OTHER_PROMPT + OTHER_MAX_TOKENS).div_ceil(BLOCK);
+    // The requests, a migration's slack, and vLLM's 1% watermark on top.
+    let used = long_blocks + args.others * other_blocks + 16;
+    let num_blocks = used * 100 / 99 + 2;
+    let kv_per_block = model.config.kv_bytes_per_token() * BLOCK;
+    if num_blocks * kv_per_block > args.max_pool_mib << 20 {
+        return Ok(Err(format!(
+            "a KV pool of {num_blocks} blocks ({} MiB) is over --max-pool-mib {}",
+            (num_blocks * kv_per_block) >> 20,
+            args.max_pool_mib
+        )));
+    }
+    let shape = InstanceShape {
+        num_blocks,
+        block_size: BLOCK,
+    };
+    let sched = model.scheduler_config(&shape);
+    let backend = |_: ()| model.backend(&shape).map_err(|e| anyhow!(e));
+    let mut src = Engine::new(sched.clone(), backend(())?)?;
+    let mut dst = Engine::new(sched, backend(())?)?;
+    let vocab = model.config.vocab;
+    let long_prompt = prompt(0x5eed ^ length as u64, prompt_tokens, vocab);
+
+    // Baseline: what a migration by recompute costs, a prefill of the
+    // prompt on the destination (one output token: the request finishes
+    // with its prefill and frees its blocks).
+    let predicted_s = last_recompute
+        .map(|(len, ms): (usize, f64)| ms / 1e3 * (prompt_tokens as f64 / len as f64).powi(2));
+    let mut recompute_note = None;
+    let recompute_ms = match predicted_s {
+        Some(p) if p > args.recompute_budget_s => {
+            recompute_note = Some(format!(
+                "recompute not measured: predicted {p:.0} s (from {:.1} s at {} tokens, scaled by the square of the length) is over --recompute-budget-s {}",
+                last_recompute.map_or(0.0, |l| l.1 / 1e3),
+                last_recompute.map_or(0, |l| l.0),
+                args.recompute_budget_s
+            ));
+            None
+        }
+        _ => {
+            let t = prefill(&mut dst, 999, long_prompt.clone(), 1)?;
+            dst.abort(999);
+            ensure!(
+                dst.scheduler().is_idle(),
+                "the destination still holds the recompute request"
+            );
+            *last_recompute = Some((prompt_tokens, t));
+            Some(t)
+        }
+    };
+
+    // The source: the long request, then the others, decoding together.
+    let source_prefill_ms = if args.prefill_source {
+        Some(prefill(&mut src, LONG, long_prompt, LONG_MAX_TOKENS)?)
+    } else {
+        install_synthetic(&mut src, long_prompt, 0xc0ffee ^ length as u64)?;
+        None
+    };
+    for i in 0..args.others as u64 {
+        src.add(
+            request(
+                100 + i,
+                prompt(i + 1, OTHER_PROMPT, vocab),
+                OTHER_MAX_TOKENS,
+            ),
+            clock::now_us(),
+        )?;
+    }
+    if args.others > 0 {
+        src.step(clock::now_us())?;
+    }
+    for _ in 0..WARMUP_STEPS {
+        src.step(clock::now_us())?;
+    }
+    let (mut step_ms, mut wall_ms) = (Vec::new(), Vec::new());
+    let mut last = Instant::now();
+    for _ in 0..args.before_steps.max(1) {
+        let started = Instant::now();
+        let r = src.step(clock::now_us())?;
+        ensure!(
+            r.batch_size == args.others + 1,
+            "decode batch of {}",
+            r.batch_size
+        );
+        let end = Instant::now();
+        step_ms.push(ms(end - started));
+        wall_ms.push(ms(end - last));
+        last = end;
+    }
+    let decode_step_ms = median(&step_ms);
+    let others_step_ms_before = mean(&wall_ms).unwrap_or(0.0);
+    let outputs_before = src
+        .scheduler()
+        .sequence(LONG)
+        .map(|s| s.output_tokens)
+        .context("the long request is gone")?;
+
+    // The migration.
+    let config = MigrationConfig::default();
+    let (src_out_tx, src_out_rx) = tmpsc::unbounded_channel();
+    let (src_in_tx, src_in_rx) = smpsc::channel();
+    let (dst_in_tx, dst_in_rx) = smpsc::channel();
+    let (dst_out_tx, dst_out_rx) = tmpsc::unbounded_channel();
+    let dst_task = rt.spawn(destination_stream(
+        link.server.clone(),
+        dst_in_tx,
+        dst_out_rx,
+    ));
+    let src_task = rt.spawn(source_stream(link.client.clone(), src_out_rx, src_in_tx));
+    let (mut src_wire, mut dst_wire) = (0u64, 0u64);
+    let (source, destination) = std::thread::scope(|scope| {
+        let dst_cfg = config.clone();
+        let dst_ref = &mut dst;
+        let dst_wire = &mut dst_wire;
+        let handle =
+            scope.spawn(move || run_destination(dst_ref, dst_cfg, dst_in_rx, dst_out_tx, dst_wire));
+        let source = run_source(
+            &mut src,
+            config.clone(),
+            src_in_rx,
+            src_out_tx,
+            &mut src_wire,
+        );
+        let destination = handle
+            .join()
+            .map_err(|_| anyhow!("the destination thread panicked"));
+        (source, destination)
+    });
+    let source = source?;
+    let destination = destination??;
+    rt.block_on(async {
+        match tokio::time::timeout(Duration::from_secs(10), async {
+            src_task.await??;
+            dst_task.await??;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => bail!("the migration stream did not close"),
+        }
+    })?;
+
+    let o = &source.outcome;
+    let committed = o.committed();
+    let result = match o.result {
+        MigrationResult::Committed => "committed".to_string(),
+        other => format!("{other:?} (destination: {:?})", destination.released),
+    };
+    let detached = o.detached_us;
+    let since_detach = |t: Option<u64>| -> Option<f64> {
+        Some(round(t?.saturating_sub(detached?) as f64 / 1e3, 3))
+    };
+    let downtime_ms = o.downtime_us.map(|d| round(d as f64 / 1e3, 3));
+    let bytes = o.bytes_copied();
+    let total_ms = (o.finished_us - o.started_us) as f64 / 1e3;
+    // The destination's first token must carry the index after the last
+    // one the source emitted.
+    let expected_index = source.last_index.map_or(outputs_before as u32, |i| i + 1);
+    let destination_continued = committed && destination.first_token_index == Some(expected_index);
+    let others_step_ms_during = mean(&source.precopy_steps);
+    Ok(Ok(LengthResult {
+        length,
+        prompt_tokens,
+        context_tokens_at_start: source.context_at_start,
+        committed,
+        result,
+        downtime_ms,
+        total_ms: round(total_ms, 3),
+        stages: o.num_stages(),
+        blocks_per_stage: o.blocks_per_stage(),
+        stage_ms: o
+            .stages
+            .iter()
+            .map(|s| {
+                s.acked_us
+                    .map(|a| round(a.saturating_sub(s.sent_us) as f64 / 1e3, 3))
+            })
+            .collect(),
+        bytes,
+        last_stage_bytes: o.stages.iter().find(|s| s.last).map_or(0, |s| s.bytes),
+        wire_bytes: src_wire + dst_wire,
+        effective_mb_per_s: round(bytes as f64 / (total_ms / 1e3).max(1e-9) / 1e6, 1),
+        detach_to_destination_commit_ms: since_detach(destination.committed_us),
+        detach_to_destination_token_ms: since_detach(destination.first_token_us),
+        destination_continued,
+        source_migration_work_ms: round(ms(source.work), 3),
+        destination_migration_work_ms: round(ms(destination.work), 3),
+        recompute_ms: recompute_ms.map(|t| round(t, 3)),
+        recompute_note,
+        source_prefill_ms: source_prefill_ms.map(|t| round(t, 3)),
+        decode_step_ms: round(decode_step_ms, 3),
+        recompute_in_decode_steps: recompute_ms.map(|t| round(t / decode_step_ms.max(1e-9), 1)),
+        others_step_ms_before: round(others_step_ms_before, 3),
+        others_step_ms_during: others_step_ms_during.map(|x| round(x, 3)),
+        steps_during: source.precopy_steps.len(),
+        others_slowdown_pct: others_step_ms_during
+            .map(|d| round((d / others_step_ms_before.max(1e-9) - 1.0) * 100.0, 1)),
+        steps_after_detach: source.detached_steps.len(),
+        others_step_ms_after_detach: mean(&source.detached_steps).map(|x| round(x, 3)),
+        downtime_below_decode_step: downtime_ms.is_some_and(|d| committed && d < decode_step_ms),
+        detach_to_commit_below_decode_step: since_detach(destination.committed_us)
+            .is_some_and(|d| committed && d < decode_step_ms),
+    }))
+}
+
+fn measure_model(
+    name: &str,
+    rt: &tokio::runtime::Runtime,
+    link: &Link,
+    args: &Args,
+) -> Result<ModelReport> {
+    let choice = match name {
+        "tiny" => ModelChoice::Tiny,
+        "smollm2" => ModelChoice::Smollm2,
+        other => bail!("unknown model {other:?} (expected tiny or smollm2)"),
+    };
+    let empty = |skipped: String| ModelReport {
+        model: name.into(),
+        skipped: Some(skipped),
+        backend: String::new(),
+        max_context: 0,
+        kv_bytes_per_token: 0,
+        results: Vec::new(),
+        skipped_lengths: Vec::new(),
+        downtime: None,
+        downtime_flat: None,
+        detach_to_commit: None,
+    };
+    if choice == ModelChoice::Smollm2 && models::smollm2_path().is_none() {
+        let why = "SmolLM2-135M-Instruct is not installed (scripts/fetch-smollm2.sh or LLUMEN_SMOLLM2_GGUF): skipped".to_string();
+        eprintln!("migration: {name}: {why}");
+        return Ok(empty(why));
+    }
+    let model = LoadedModel::load(&choice).map_err(|e| anyhow!(e))?;
+    let backend = model
+        .backend(&InstanceShape {
+            num_blocks: 1,
+            block_size: BLOCK,
+        })
+        .map_err(|e| anyhow!(e))?
+        .describe();
+    let mut results = Vec::new();
+    let mut skipped_lengths = Vec::new();
+    // Ascending, so that each recompute time predicts the next.
+    let mut lengths = args.lengths.clone();
+    lengths.sort_unstable();
+    lengths.dedup();
+    let mut last_recompute = None;
+    for length in lengths {
+        eprintln!("migration: {} L={length} ...", model.name);
+        match measure_length(&model, rt, link, args, length, &mut last_recompute)? {
+            Ok(r) => {
+                eprintln!(
+                    "  {}: downtime {:?} ms, total {:.1} ms, stages {:?}, recompute {:?} ms, step {:.2} ms",
+                    r.result, r.downtime_ms, r.total_ms, r.blocks_per_stage, r.recompute_ms, r.decode_step_ms
+                );
+                results.push(r)
+            }
+            Err(reason) => {
+                eprintln!("  skipped: {reason}");
+                skipped_lengths.push(Skipped { length, reason })
+            }
+        }
+    }
+    let committed = results.iter().filter(|r| r.committed);
+    let downtime = spread(
+        &committed
+            .clone()
+            .filter_map(|r| r.downtime_ms)
+            .collect::<Vec<_>>(),
+    );
+    let detach_to_commit = spread(
+        &committed
+            .filter_map(|r| r.detach_to_destination_commit_ms)
+            .collect::<Vec<_>>(),
+    );
+    let all_committed = results.iter().all(|r| r.committed);
+    let flat = downtime.as_ref().map(|d| all_committed && d.flat);
+    Ok(ModelReport {
+        model: model.name.clone(),
+        skipped: None,
+        backend,
+        max_context: model.config.max_position,
+        kv_bytes_per_token: model.config.kv_bytes_per_token(),
+        results,
+        skipped_lengths,
+        downtime,
+        downtime_flat: flat,
+        detach_to_commit,
+    })
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    ensure!(
+        args.message_mib > 0 && args.message_mib <= 64,
+        "--message-mib must be in 1..=64"
+    );
+    ensure!(
+        args.transfer_mib >= args.message_mib,
+        "--transfer-mib must be at least --message-mib"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let dir = tempfile::tempdir()?;
+    let link = rt.block_on(connect(dir.path()))?;
+
+    let msg = args.message_mib << 20;
+    let total = (args.transfer_mib << 20) / msg * msg;
+    eprintln!(
+        "migration: QUIC vs TCP bandwidth, {} MiB in {} MiB messages, median of 3 ...",
+        total >> 20,
+        args.message_mib
+    );
+    let bw = rt.block_on(bandwidth(&link, total, msg))?;
+
+    let mut notes = Vec::new();
+    let mut models = Vec::new();
+    for name in &args.models {
+        let m = measure_model(name, &rt, &link, args)?;
+        if let Some(why) = &m.skipped {
+            notes.push(format!("{name}: {why}"));
+        }
+        for s in &m.skipped_lengths {
+            notes.push(format!("{} L={}: skipped, {}", m.model, s.length, s.reason));
+        }
+        for r in &m.results {
+            if r.prompt_tokens != r.length {
+                notes.push(format!(
+                    "{} L={}: prompt shortened to {} tokens so that it and the request's {LONG_MAX_TOKENS} decode tokens fit the {}-token context",
+                    m.model, r.length, r.prompt_tokens, m.max_context
+                ));
+            }
+            if let Some(n) = &r.recompute_note {
+                notes.push(format!("{} L={}: {n}", m.model, r.length));
+            }
+            if !r.committed {
+                notes.push(format!(
+                    "{} L={}: migration not committed: {}",
+                    m.model, r.length, r.result
+                ));
+            }
+            if r.committed && !r.destination_continued {
+                notes.push(format!(
+                    "{} L={}: the destination did not continue the request's token stream",
+                    m.model, r.length
+                ));
+            }
+        }
+        models.push(m);
+    }
+
+    link.client.close(0u32.into(), b"done");
+    rt.block_on(link.client_endpoint.wait_idle());
+
+    let measured: Vec<&LengthResult> = models.iter().flat_map(|m| &m.results).collect();
+    let quic_tcp_ratio = bw.quic / bw.tcp.max(1e-9);
+    let report = Report {
+        benchmark: "migration",
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        config: {
+            let c = MigrationConfig::default();
+            ConfigReport {
+                block_size: BLOCK,
+                last_stage_max_blocks: c.last_stage_max_blocks,
+                max_precopy_stages: c.max_precopy_stages,
+                reserve_slack_blocks: c.reserve_slack_blocks,
+                long_request_max_tokens: LONG_MAX_TOKENS,
+                other_requests: args.others,
+                other_prompt_tokens: OTHER_PROMPT,
+                other_max_tokens: OTHER_MAX_TOKENS,
+                warmup_steps: WARMUP_STEPS,
+                before_steps: args.before_steps.max(1),
+            }
+        },
+        transfer_bytes: total,
+        message_bytes: msg,
+        quic_mb_per_s: round(bw.quic, 1),
+        quic_raw_mb_per_s: round(bw.quic_raw, 1),
+        tcp_mb_per_s: round(bw.tcp, 1),
+        quic_tcp_ratio: round(quic_tcp_ratio, 3),
+        downtime_below_decode_step: !measured.is_empty()
+            && measured.iter().all(|r| r.downtime_below_decode_step),
+        downtime_flat: models
+            .iter()
+            .filter(|m| m.skipped.is_none() && !m.results.is_empty())
+            .all(|m| m.downtime_flat == Some(true))
+            && !measured.is_empty(),
+        quic_at_least_half_tcp: quic_tcp_ratio >= 0.5,
+        detach_to_commit_below_decode_step: !measured.is_empty()
+            && measured
+                .iter()
+                .all(|r| r.detach_to_commit_below_decode_step),
+        detach_to_commit_flat: !measured.is_empty()
+            && models
+                .iter()
+                .filter(|m| m.skipped.is_none() && !m.results.is_empty())
+                .all(|m| {
+                    m.results.iter().all(|r| r.committed)
+                        && m.detach_to_commit.as_ref().is_some_and(|d| d.flat)
+                }),
+        models,
+        notes,
+    };
+    print_table(&report);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    eprintln!();
+    eprintln!(
+        "migration: live migration over QUIC loopback ({} threads); last stage <= {} blocks, <= {} pre-copy stages; {} other requests decoding",
+        r.threads, r.config.last_stage_max_blocks, r.config.max_precopy_stages, r.config.other_requests
+    );
+    for m in &r.models {
+        if let Some(why) = &m.skipped {
+            eprintln!("{}: {why}", m.model);
+            continue;
+        }
+        eprintln!(
+            "{} ({} B KV/token, context {}):",
+            m.model, m.kv_bytes_per_token, m.max_context
+        );
+        eprintln!(
+            "{:>6} {:>6} | {:>9} {:>8} {:>9} | {:>6} {:>18} {:>8} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6}",
+            "L", "prompt", "downtime", "->commit", "total", "stages", "blocks/stage", "MB",
+            "recompute", "step", "rc/st", "before", "during", "slow%"
+        );
+        for x in &m.results {
+            let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
+            eprintln!(
+                "{:>6} {:>6} | {:>9} {:>8} {:>9.1} | {:>6} {:>18} {:>8.1} | {:>9} {:>9.2} {:>6} | {:>8.2} {:>8} {:>6}{}",
+                x.length,
+                x.prompt_tokens,
+                opt(x.downtime_ms, 2),
+                opt(x.detach_to_destination_commit_ms, 2),
+                x.total_ms,
+                x.stages,
+                format!("{:?}", x.blocks_per_stage),
+                x.bytes as f64 / 1e6,
+                opt(x.recompute_ms, 1),
+                x.decode_step_ms,
+                opt(x.recompute_in_decode_steps, 1),
+                x.others_step_ms_before,
+                opt(x.others_step_ms_during, 2),
+                opt(x.others_slowdown_pct, 1),
+                if x.committed { "" } else { "  NOT COMMITTED" }
+            );
+        }
+        for s in &m.skipped_lengths {
+            eprintln!("{:>6} skipped: {}", s.length, s.reason);
+        }
+        if let Some(d) = &m.downtime {
+            eprintln!(
+                "  downtime (outcome: detach -> Committed at the source) min {:.2} / mean {:.2} / max {:.2} ms: flat within ±20%: {}",
+                d.min_ms, d.mean_ms, d.max_ms,
+                m.downtime_flat.unwrap_or(false)
+            );
+        }
+        if let Some(d) = &m.detach_to_commit {
+            eprintln!(
+                "  detach -> commit at the destination: min {:.2} / mean {:.2} / max {:.2} ms: flat within ±20%: {}",
+                d.min_ms, d.mean_ms, d.max_ms, d.flat
+            );
+        }
+    }
+    eprintln!(
+        "bandwidth ({} MiB in {} MiB messages, median of 3): QUIC (migration framing) {:.0} MB/s, QUIC bare {:.0} MB/s, TCP {:.0} MB/s; QUIC/TCP {:.2}",
+        r.transfer_bytes >> 20,
+        r.message_bytes >> 20,
+        r.quic_mb_per_s,
+        r.quic_raw_mb_per_s,
+        r.tcp_mb_per_s,
+        r.quic_tcp_ratio
+    );
+    eprintln!(
+        "targets: downtime < decode step: {}; downtime flat (±20%): {}; QUIC >= 0.5 x TCP: {}",
+        r.downtime_below_decode_step, r.downtime_flat, r.quic_at_least_half_tcp
+    );
+    eprintln!(
+        "(not targets) detach -> destination commit < decode step: {}; flat (±20%): {}",
+        r.detach_to_commit_below_decode_step, r.detach_to_commit_flat
+    );
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
+}
