@@ -39,6 +39,46 @@ async fn run_all(client: &Arc<Client>) -> Vec<tokio::task::JoinHandle<Completion
         .collect()
 }
 
+/// Each prompt alone, one after the other (no migration happens then).
+async fn one_by_one(client: &Client) -> Vec<Completion> {
+    let mut out = Vec::new();
+    for p in prompts() {
+        out.push(
+            client
+                .generate(&GenerateRequest::text(p, MAX_TOKENS))
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// Waits (up to 5 s) until no instance holds a block, a request or a
+/// migration; false if that never happens.
+async fn idle_and_clean(admin: &Client, token: &str) -> bool {
+    for _ in 0..100 {
+        let s = admin
+            .admin(token, &AdminCommand::Status, &[])
+            .await
+            .unwrap();
+        let clean = s["instances"].as_array().unwrap().iter().all(|i| {
+            i["load"]["used_blocks"] == 0
+                && i["load"]["running"] == 0
+                && i["load"]["waiting"] == 0
+                && i["load"]["migrating_in"] == 0
+                && i["load"]["migrating_out"] == 0
+        }) && s["requests_in_flight"] == 0;
+        if clean {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_migrated_mid_decode_produce_the_same_tokens() {
     // Reference: migration off.
@@ -134,25 +174,10 @@ async fn requests_migrated_mid_decode_produce_the_same_tokens() {
         serde_json::from_value(status["migrations"]["last_stages_blocks"].clone()).unwrap();
     assert!(!stages.is_empty());
     // No block leaks on either side once everything is done.
-    let mut clean = false;
-    for _ in 0..100 {
-        let s = admin
-            .admin(&token, &AdminCommand::Status, &[])
-            .await
-            .unwrap();
-        clean = s["instances"].as_array().unwrap().iter().all(|i| {
-            i["load"]["used_blocks"] == 0
-                && i["load"]["running"] == 0
-                && i["load"]["waiting"] == 0
-                && i["load"]["migrating_in"] == 0
-                && i["load"]["migrating_out"] == 0
-        }) && s["requests_in_flight"] == 0;
-        if clean {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(clean, "blocks or migrations left over");
+    assert!(
+        idle_and_clean(&admin, &token).await,
+        "blocks or migrations left over"
+    );
     let (_, metrics) = common::http(server.http(), "GET", "/metrics", "");
     assert!(metrics.contains("llumen_migrations_total{outcome=\"completed\"}"));
     admin.close().await;
@@ -166,60 +191,15 @@ async fn requests_migrated_mid_decode_produce_the_same_tokens() {
 /// every request still completes once, with the tokens it would have had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joined_instances_migrate_and_survive_a_killed_destination() {
-    use std::process::{Command, Stdio};
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = tmp.path().join("data");
     let server = Server::start(&data_dir, &["--instances", "0", "--no-migrate"]);
-    let join = |name: &str| {
-        let log = std::fs::File::create(tmp.path().join(format!("{name}.log"))).unwrap();
-        let mut child = Command::new(common::llumen())
-            .args([
-                "instance",
-                "--model",
-                "tiny",
-                "--blocks",
-                "256",
-                "--join",
-                &server.quic().to_string(),
-            ])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let v: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        (child, v["instance"].as_u64().unwrap() as u32)
-    };
-    let (mut a, a_id) = join("a");
-    let (mut b, b_id) = join("b");
-    let (mut c, c_id) = join("c");
+    let (mut a, a_id) = common::join_instance(&server, tmp.path(), "a", &[]);
+    let (mut b, b_id) = common::join_instance(&server, tmp.path(), "b", &[]);
+    let (mut c, c_id) = common::join_instance(&server, tmp.path(), "c", &[]);
     let admin = server.client().await;
     let token = server.token();
-    for _ in 0..200 {
-        let s = admin
-            .admin(&token, &AdminCommand::Status, &[])
-            .await
-            .unwrap();
-        if s["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|i| !i["load"].is_null())
-            .count()
-            == 3
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_loads(&admin, &token, 3).await;
     let client = Arc::new(server.client().await);
     let tasks = run_all(&client).await;
     // Wait until requests run everywhere, then move some between processes.
@@ -294,18 +274,7 @@ async fn joined_instances_migrate_and_survive_a_killed_destination() {
         .unwrap();
     eprintln!("migrations: {}", status["migrations"]);
     // The reference: each prompt alone on the survivors, no migration.
-    let mut reference = Vec::new();
-    for p in prompts() {
-        reference.push(
-            client
-                .generate(&GenerateRequest::text(p, MAX_TOKENS))
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap(),
-        );
-    }
+    let reference = one_by_one(&client).await;
     for (i, (got, want)) in outputs.iter().zip(&reference).enumerate() {
         assert_eq!(got.tokens.len(), MAX_TOKENS as usize, "request {i}");
         assert_eq!(
@@ -332,64 +301,22 @@ async fn joined_instances_migrate_and_survive_a_killed_destination() {
 /// they would have had, and the destination holds nothing afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_migration_connection_leaves_requests_whole() {
-    use std::process::{Command, Stdio};
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = tmp.path().join("data");
     let server = Server::start(&data_dir, &["--instances", "0", "--no-migrate"]);
-    let join = |name: &str, fault: Option<&str>| {
-        let log = std::fs::File::create(tmp.path().join(format!("{name}.log"))).unwrap();
-        let mut cmd = Command::new(common::llumen());
-        cmd.args([
-            "instance",
-            "--model",
-            "tiny",
-            "--blocks",
-            "256",
-            "--join",
-            &server.quic().to_string(),
-        ])
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .stdout(Stdio::piped())
-        .stderr(log);
-        if let Some(n) = fault {
-            cmd.env("LLUMEN_FAULT_MIGRATION_DROP_AFTER", n);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let v: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        (child, v["instance"].as_u64().unwrap() as u32)
-    };
     // A drops its migration connection instead of sending its second
     // message (after the reservation was granted: a copy stage or the
     // commit, the request detached for it).
-    let (mut a, a_id) = join("a", Some("1"));
-    let (mut b, b_id) = join("b", None);
+    let (mut a, a_id) = common::join_instance(
+        &server,
+        tmp.path(),
+        "a",
+        &[("LLUMEN_FAULT_MIGRATION_DROP_AFTER", "1")],
+    );
+    let (mut b, b_id) = common::join_instance(&server, tmp.path(), "b", &[]);
     let admin = server.client().await;
     let token = server.token();
-    for _ in 0..200 {
-        let s = admin
-            .admin(&token, &AdminCommand::Status, &[])
-            .await
-            .unwrap();
-        if s["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|i| !i["load"].is_null())
-            .count()
-            == 2
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_loads(&admin, &token, 2).await;
     let client = Arc::new(server.client().await);
     let tasks = run_all(&client).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -438,46 +365,15 @@ async fn a_dropped_migration_connection_leaves_requests_whole() {
         "{}",
         status["migrations"]
     );
-    let mut reference = Vec::new();
-    for p in prompts() {
-        reference.push(
-            client
-                .generate(&GenerateRequest::text(p, MAX_TOKENS))
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap(),
-        );
-    }
+    let reference = one_by_one(&client).await;
     for (i, (got, want)) in outputs.iter().zip(&reference).enumerate() {
         assert_eq!(got.tokens, want.tokens, "request {i}");
     }
     // Nothing held anywhere once idle (the destination dropped its
     // reservations when the streams broke).
-    let mut clean = false;
-    for _ in 0..100 {
-        let s = admin
-            .admin(&token, &AdminCommand::Status, &[])
-            .await
-            .unwrap();
-        clean = s["instances"].as_array().unwrap().iter().all(|i| {
-            i["load"]["used_blocks"] == 0
-                && i["load"]["migrating_in"] == 0
-                && i["load"]["migrating_out"] == 0
-        });
-        if clean {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert!(
-        clean,
-        "blocks or migrations left over: {}",
-        admin
-            .admin(&token, &AdminCommand::Status, &[])
-            .await
-            .unwrap()["instances"]
+        idle_and_clean(&admin, &token).await,
+        "blocks or migrations left over"
     );
     for child in [&mut a, &mut b] {
         let _ = child.kill();

@@ -509,53 +509,11 @@ async fn joined_instances_and_a_lost_one() {
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = tmp.path().join("data");
     let server = Server::start(&data_dir, &["--instances", "0"]);
-    let join = |name: &str| {
-        let log = std::fs::File::create(tmp.path().join(format!("{name}.log"))).unwrap();
-        let mut child = Command::new(common::llumen())
-            .args([
-                "instance",
-                "--model",
-                "tiny",
-                "--join",
-                &server.quic().to_string(),
-            ])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let v: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        (child, v["instance"].as_u64().unwrap() as u32)
-    };
-    let (mut first, first_id) = join("a");
-    let (mut second, _) = join("b");
-    // Wait until both report loads.
+    let (mut first, first_id) = common::join_instance(&server, tmp.path(), "a", &[]);
+    let (mut second, _) = common::join_instance(&server, tmp.path(), "b", &[]);
     let client = server.client().await;
     let token = server.token();
-    for _ in 0..100 {
-        let s = client
-            .admin(&token, &AdminCommand::Status, &[])
-            .await
-            .unwrap();
-        let loads = s["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|i| !i["load"].is_null())
-            .count();
-        if loads == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_for_loads(&client, &token, 2).await;
 
     let max_tokens = 400u32;
     let prompts: Vec<String> = (0..6).map(prompt).collect();

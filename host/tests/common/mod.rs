@@ -200,3 +200,52 @@ pub fn sse_events(body: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// A `llumen instance --model tiny --join` process of `server`, its stderr
+/// in `log_dir/<name>.log`, with extra `env`; returns it and its instance id.
+pub fn join_instance(
+    server: &Server,
+    log_dir: &Path,
+    name: &str,
+    env: &[(&str, &str)],
+) -> (Child, u32) {
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).unwrap();
+    let mut child = Command::new(llumen())
+        .args(["instance", "--model", "tiny", "--blocks", "256", "--join"])
+        .arg(server.quic().to_string())
+        .arg("--data-dir")
+        .arg(&server.data_dir)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("starting llumen instance");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("llumen instance: {e}: {line:?}"));
+    (child, v["instance"].as_u64().unwrap() as u32)
+}
+
+/// Waits until `n` instances have reported a load to the manager.
+pub async fn wait_for_loads(client: &Client, token: &str, n: usize) {
+    for _ in 0..200 {
+        let s = client
+            .admin(token, &llumen_host::admin::AdminCommand::Status, &[])
+            .await
+            .unwrap();
+        let loads = s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| !i["load"].is_null())
+            .count();
+        if loads >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{n} instances did not report their loads");
+}
