@@ -24,18 +24,34 @@ use crate::protocol::{Frame, JoinInfo, MAX_REQUEST_FRAME};
 use crate::tls::{self, Trust};
 use crate::wire::{write_frame, FrameReader};
 
-/// Joins the manager at `addr` and serves until the connection ends.
-/// `ready` is called with the instance id the manager gave.
+/// Where and as whom a joining instance connects.
+pub struct JoinOptions {
+    /// The manager's QUIC address.
+    pub addr: SocketAddr,
+    pub trust: Trust,
+    /// The admin token.
+    pub token: String,
+    /// The identity its migration endpoint presents (the manager's).
+    pub identity: tls::ServerIdentity,
+    /// Where its migration endpoint listens.
+    pub migration_listen: SocketAddr,
+}
+
+/// Joins the manager and serves until the connection ends. `ready` is
+/// called with the instance id the manager gave.
 pub async fn run_instance(
-    addr: SocketAddr,
-    trust: Trust,
-    token: String,
-    identity: tls::ServerIdentity,
-    migration_listen: SocketAddr,
+    options: JoinOptions,
     model: LoadedModel,
     shape: InstanceShape,
     ready: impl FnOnce(u32),
 ) -> Result<()> {
+    let JoinOptions {
+        addr,
+        trust,
+        token,
+        identity,
+        migration_listen,
+    } = options;
     let migration_endpoint = tls::server_endpoint(migration_listen, &identity)?;
     let migration_addr = migration_endpoint.local_addr()?;
     let endpoint = tls::client_endpoint(addr, &trust)?;

@@ -483,7 +483,7 @@ impl<B: ModelBackend> StepLoop<B> {
                 }
                 self.settle(migration_id);
             }
-            Command::FromSource { bytes, reply } => self.from_source(bytes, reply),
+            Command::FromSource { bytes, reply } => self.on_source_message(bytes, reply),
             Command::IncomingLost { migration_id } => {
                 let abort = MigrationMessage::Abort {
                     migration_id,
@@ -535,7 +535,7 @@ impl<B: ModelBackend> StepLoop<B> {
         }
     }
 
-    fn from_source(&mut self, bytes: Vec<u8>, reply: MigrationLink) {
+    fn on_source_message(&mut self, bytes: Vec<u8>, reply: MigrationLink) {
         let message = match MigrationMessage::decode(&bytes) {
             Ok(m) => m,
             Err(e) => {

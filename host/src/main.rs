@@ -421,11 +421,13 @@ async fn run(command: Command) -> Result<()> {
             let token = conn.token()?;
             let (identity, _) = tls::load_or_create_identity(&conn.data_dir())?;
             llumen_host::instance::run_instance(
-                join,
-                trust,
-                token,
-                identity,
-                migration_listen,
+                llumen_host::instance::JoinOptions {
+                    addr: join,
+                    trust,
+                    token,
+                    identity,
+                    migration_listen,
+                },
                 model,
                 shape,
                 |id| {

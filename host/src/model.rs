@@ -53,7 +53,7 @@ impl std::str::FromStr for ModelChoice {
 /// Text <-> tokens for the served model.
 pub enum TextCodec {
     /// A real tokenizer (BPE from the GGUF file) with its chat template.
-    Bpe(Tokenizer),
+    Bpe(Box<Tokenizer>),
     /// The test model's codec: token id = byte value (ids >= 256 decode to
     /// one printable ASCII character); chat turns are joined as `role: content\n`.
     Bytes { vocab: usize },
@@ -202,7 +202,7 @@ impl LoadedModel {
                     name,
                     config: model.config,
                     weights: model.weights,
-                    codec: Arc::new(TextCodec::Bpe(model.tokenizer)),
+                    codec: Arc::new(TextCodec::Bpe(Box::new(model.tokenizer))),
                 })
             }
         }
