@@ -213,6 +213,8 @@ pub struct Llumlet {
 
 /// How often an idle llumlet still publishes its load.
 const IDLE_PUBLISH: Duration = Duration::from_millis(500);
+/// How long a llumlet whose last step scheduled nothing waits for news.
+const STALL_WAIT: Duration = Duration::from_millis(1);
 /// Shortest gap between two snapshots of a busy instance whose request
 /// counts did not change.
 const MIN_PUBLISH_GAP: Duration = Duration::from_millis(5);
@@ -318,6 +320,8 @@ struct StepLoop<B: ModelBackend> {
     incoming: DestinationMigration,
     /// Reply links of incoming migrations.
     replies: HashMap<MigrationId, MigrationLink>,
+    /// The last step scheduled nothing although requests wait.
+    stalled: bool,
 }
 
 impl<B: ModelBackend> Drop for StepLoop<B> {
@@ -366,6 +370,7 @@ impl<B: ModelBackend> StepLoop<B> {
             migration,
             outgoing: HashMap::new(),
             replies: HashMap::new(),
+            stalled: false,
         }
     }
 
@@ -381,11 +386,14 @@ impl<B: ModelBackend> StepLoop<B> {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         self.publish();
         loop {
-            // Nothing to step: block until a command arrives, a migration
-            // deadline passes, or it is time for a heartbeat snapshot.
-            if self.engine.scheduler().is_idle() {
+            // Nothing to step (or nothing could be scheduled last time:
+            // requests waiting for blocks held elsewhere): block until a
+            // command arrives, a migration deadline passes, or it is time
+            // for a heartbeat snapshot, instead of spinning.
+            let stalled = std::mem::take(&mut self.stalled);
+            if stalled || self.engine.scheduler().is_idle() {
                 let now = clock::now_us();
-                let mut wait = IDLE_PUBLISH;
+                let mut wait = if stalled { STALL_WAIT } else { IDLE_PUBLISH };
                 if let Some(d) = self.next_deadline() {
                     wait = wait.min(Duration::from_micros(d.saturating_sub(now)));
                 }
@@ -786,6 +794,7 @@ impl<B: ModelBackend> StepLoop<B> {
         let now = clock::now_us();
         match self.engine.step(now) {
             Ok(report) => {
+                self.stalled = report.batch_size == 0;
                 for event in report.events {
                     match event {
                         SeqEvent::Token { seq, token, index } => {
