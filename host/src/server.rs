@@ -179,7 +179,7 @@ async fn serve_stream(
                 ServeError::new(
                     ErrorCode::Malformed,
                     format!(
-                        "a stream must start with generate, admin or join, not {}",
+                        "a stream must start with generate, admin, join, migrate or resume, not {}",
                         other.name()
                     ),
                 ),
