@@ -213,16 +213,9 @@ impl crate::llumlet::RouteBook for ResumeRoutes {
                 loop {
                     tokio::select! {
                         event = rx.recv() => {
-                            let (frame, last) = match event {
-                                Some(InstanceEvent::Token { index, id }) => (Frame::Tokens(crate::api::TokenChunk { index, ids: vec![id], text: String::new() }), false),
-                                Some(InstanceEvent::Finished { reason, output_tokens, queue_us }) => (Frame::Finished(crate::api::FinishRecord {
-                                    request_id: request, reason, prompt_tokens: 0, completion_tokens: output_tokens,
-                                    queue_us, ttft_us: 0, total_us: 0, instance, moves: 0,
-                                }), true),
-                                Some(InstanceEvent::Failed(e)) => (Frame::Error(e), true),
-                                Some(InstanceEvent::MovedAway) => (Frame::Moved { instance }, true),
-                                Some(InstanceEvent::Moved { .. }) => continue,
-                                None => return Ok(()),
+                            let Some(event) = event else { return Ok(()) };
+                            let Some((frame, last)) = crate::server::event_frame(event, request, instance) else {
+                                continue;
                             };
                             write_frame(&mut send, &frame).await.map_err(|e| e.to_string())?;
                             if last {

@@ -138,7 +138,9 @@ async fn serve_stream(
                 .await;
             }
             match ctx.manager.routes().claim(request, instance) {
-                Some(events) => forward_resumed(events, reader).await,
+                Some(events) => {
+                    forward_resumed(events, reader, ctx.manager.routes(), request).await
+                }
                 None => {
                     reply_error(
                         &mut send,
@@ -298,41 +300,116 @@ async fn serve_join(
 }
 
 /// A migrated request's events from the joined instance it moved to.
-async fn forward_resumed(events: EventSender, mut reader: FrameReader) {
+async fn forward_resumed(
+    events: EventSender,
+    mut reader: FrameReader,
+    routes: crate::llumlet::Routes,
+    request: u64,
+) {
+    if let Err(e) = relay_frames(&mut reader, events, &routes, request).await {
+        // Lost: dropping our sender lets the relay place it again (unless
+        // another holder still runs it).
+        tracing::debug!(request, error = %e, "resumed stream ended");
+    }
+}
+
+/// How a stream of an instance's frames about one request ended.
+enum FramesEnd {
+    /// The request finished there.
+    Finished,
+    /// It failed there, or migrated on (its channel is parked for the
+    /// destination to claim).
+    Left,
+    /// The relay dropped it (cancelled, or its client went away); the
+    /// instance was told to stop.
+    Cancelled,
+}
+
+/// Feeds the frames an instance sends about `request` (on an assignment or
+/// a resumed stream) into the request's relay channel, until the request
+/// ends there or the relay cancels it. An error: the stream broke or
+/// carried something else.
+async fn relay_frames(
+    reader: &mut FrameReader,
+    events: EventSender,
+    routes: &crate::llumlet::Routes,
+    request: u64,
+) -> Result<FramesEnd, String> {
     loop {
         tokio::select! {
             _ = events.closed() => {
-                reader.stop(1); // cancelled: the instance aborts it
-                return;
+                reader.stop(1);
+                return Ok(FramesEnd::Cancelled);
             }
-            frame = reader.next() => match frame {
-                Ok(Some(Frame::Tokens(chunk))) => {
+            frame = reader.next() => match frame.map_err(|e| e.to_string())? {
+                Some(Frame::Tokens(chunk)) => {
                     for (k, &id) in chunk.ids.iter().enumerate() {
                         let _ = events.send(InstanceEvent::Token { index: chunk.index + k as u32, id });
                     }
                 }
-                Ok(Some(Frame::Finished(f))) => {
+                Some(Frame::Finished(f)) => {
                     let _ = events.send(InstanceEvent::Finished {
                         reason: f.reason,
                         output_tokens: f.completion_tokens,
                         queue_us: f.queue_us,
                     });
-                    return;
+                    return Ok(FramesEnd::Finished);
                 }
-                Ok(Some(Frame::Error(e))) => {
+                Some(Frame::Error(e)) => {
                     let _ = events.send(InstanceEvent::Failed(e));
-                    return;
+                    return Ok(FramesEnd::Left);
                 }
-                Ok(Some(Frame::Moved { .. })) => {
-                    // Moved on again: the next destination claims it.
-                    return;
+                Some(Frame::Moved { .. }) => {
+                    // Migrated away: the destination claims the channel.
+                    routes.park(request, events);
+                    return Ok(FramesEnd::Left);
                 }
-                // Lost: dropping our sender lets the relay place it again
-                // (unless another holder still runs it).
-                _ => return,
+                Some(other) => return Err(format!("unexpected {} frame from an instance", other.name())),
+                None => return Err("the instance ended the stream early".into()),
             }
         }
     }
+}
+
+/// The frame that carries an instance's event about `request` to the
+/// manager, and whether it is the stream's last; `None` for an event the
+/// manager learns otherwise (`Moved`: from the claim).
+pub(crate) fn event_frame(
+    event: InstanceEvent,
+    request: u64,
+    instance: u32,
+) -> Option<(Frame, bool)> {
+    Some(match event {
+        InstanceEvent::Token { index, id } => (
+            Frame::Tokens(crate::api::TokenChunk {
+                index,
+                ids: vec![id],
+                text: String::new(),
+            }),
+            false,
+        ),
+        InstanceEvent::Finished {
+            reason,
+            output_tokens,
+            queue_us,
+        } => (
+            Frame::Finished(crate::api::FinishRecord {
+                request_id: request,
+                reason,
+                prompt_tokens: 0,
+                completion_tokens: output_tokens,
+                queue_us,
+                ttft_us: 0,
+                total_us: 0,
+                instance,
+                moves: 0,
+            }),
+            true,
+        ),
+        InstanceEvent::Failed(e) => (Frame::Error(e), true),
+        InstanceEvent::MovedAway => (Frame::Moved { instance }, true),
+        InstanceEvent::Moved { .. } => return None,
+    })
 }
 
 /// The manager's side of a joined instance: each request is one stream the
@@ -489,46 +566,19 @@ async fn run_assignment(
         .await
         .map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
-    loop {
-        tokio::select! {
-            _ = events.closed() => {
-                // Cancelled or moved: tell the instance to drop it.
-                let _ = send.reset(1u32.into());
-                reader.stop(1);
-                return Ok(());
-            }
-            frame = reader.next() => match frame.map_err(|e| e.to_string())? {
-                Some(Frame::Tokens(chunk)) => {
-                    for (k, &id) in chunk.ids.iter().enumerate() {
-                        let _ = events.send(InstanceEvent::Token { index: chunk.index + k as u32, id });
-                    }
-                }
-                Some(Frame::Finished(f)) => {
-                    let _ = events.send(InstanceEvent::Finished {
-                        reason: f.reason,
-                        output_tokens: f.completion_tokens,
-                        queue_us: f.queue_us,
-                    });
-                    let _ = send.finish();
-                    return Ok(());
-                }
-                Some(Frame::Error(e)) => {
-                    let _ = events.send(InstanceEvent::Failed(e));
-                    return Ok(());
-                }
-                Some(Frame::Moved { .. }) => {
-                    // Migrated away: the destination claims the channel.
-                    routes.park(request, events);
-                    return Ok(());
-                }
-                Some(other) => return Err(format!("unexpected {} frame from an instance", other.name())),
-                None => return Err("the instance ended the stream early".into()),
-            }
+    match relay_frames(&mut reader, events, &routes, request).await? {
+        // Tell the instance to drop it.
+        FramesEnd::Cancelled => {
+            let _ = send.reset(1u32.into());
         }
+        FramesEnd::Finished => {
+            let _ = send.finish();
+        }
+        FramesEnd::Left => {}
     }
+    Ok(())
 }
 
-/// The instance side of an assignment stream (used by `llumen instance`).
 /// The instance side of a stream the manager opens (used by `llumen
 /// instance`): an assignment (tokens back until the end) or a migrate-out
 /// order (the report back when the migration ends).
@@ -605,6 +655,7 @@ pub async fn serve_manager_stream(
             return;
         }
     };
+    let request = job.request_id;
     let (tx, mut rx) = mpsc::unbounded_channel();
     if let Err(e) = llumlet.assign(job, tx) {
         return reply_error(&mut send, e).await;
@@ -614,27 +665,10 @@ pub async fn serve_manager_stream(
         tokio::select! {
             event = rx.recv() => {
                 let (frame, last) = match event {
-                    Some(InstanceEvent::Token { index, id }) => (
-                        Frame::Tokens(crate::api::TokenChunk { index, ids: vec![id], text: String::new() }),
-                        false,
-                    ),
-                    Some(InstanceEvent::Finished { reason, output_tokens, queue_us }) => (
-                        Frame::Finished(crate::api::FinishRecord {
-                            request_id: 0,
-                            reason,
-                            prompt_tokens: 0,
-                            completion_tokens: output_tokens,
-                            queue_us,
-                            ttft_us: 0,
-                            total_us: 0,
-                            instance: llumlet.instance(),
-                            moves: 0,
-                        }),
-                        true,
-                    ),
-                    Some(InstanceEvent::Failed(e)) => (Frame::Error(e), true),
-                    Some(InstanceEvent::Moved { .. }) => continue,
-                    Some(InstanceEvent::MovedAway) => (Frame::Moved { instance: llumlet.instance() }, true),
+                    Some(event) => match event_frame(event, request, llumlet.instance()) {
+                        Some(f) => f,
+                        None => continue,
+                    },
                     None => (Frame::Error(ServeError::new(ErrorCode::Unavailable, "instance stopped")), true),
                 };
                 if write_frame(&mut send, &frame).await.is_err() {
