@@ -20,6 +20,7 @@ mod migration_bench;
 mod policy_overhead;
 mod quic_overhead;
 mod rng;
+mod stats;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

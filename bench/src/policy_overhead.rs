@@ -43,23 +43,7 @@ pub struct Args {
     json: bool,
 }
 
-#[derive(Serialize)]
-struct Percentiles {
-    p50_ns: u64,
-    p99_ns: u64,
-    mean_ns: u64,
-}
-
-fn percentiles(mut samples: Vec<u64>) -> Percentiles {
-    samples.sort_unstable();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-    let mean = samples.iter().sum::<u64>() / samples.len() as u64;
-    Percentiles {
-        p50_ns: at(0.50),
-        p99_ns: at(0.99),
-        mean_ns: mean,
-    }
-}
+use crate::stats::{percentiles, Percentiles};
 
 #[derive(Serialize)]
 struct Scenario {
