@@ -16,75 +16,123 @@ use std::net::SocketAddr;
 use tokio::sync::mpsc;
 
 use crate::llumlet::{Mailbox, MigrationLink};
-use crate::protocol::{Frame, MAX_MIGRATION_CHUNK};
+use bytes::Bytes;
+
+use crate::protocol::{self, Frame, MAX_MIGRATION_CHUNK};
 use crate::tls::{self, Trust};
 use crate::wire::{write_frame, FrameReader, WireError};
 
 /// Largest migration message reassembled from chunks.
 pub const MAX_MIGRATION_MESSAGE: usize = 2 << 30;
 
-/// Writes one migration message as chunks.
-pub async fn write_message(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), WireError> {
-    let mut chunks = bytes.chunks(MAX_MIGRATION_CHUNK).peekable();
-    if chunks.peek().is_none() {
-        return write_frame(
-            send,
-            &Frame::MigrationChunk {
-                last: true,
-                bytes: Vec::new(),
-            },
-        )
-        .await;
+/// Writes one migration message as chunks: each a `MigrationChunk` frame
+/// whose header is written in front of a zero-copy slice of `message`.
+pub async fn write_message(
+    send: &mut quinn::SendStream,
+    message: impl Into<Bytes>,
+) -> Result<(), WireError> {
+    let message: Bytes = message.into();
+    let mut offset = 0;
+    loop {
+        let end = (offset + MAX_MIGRATION_CHUNK).min(message.len());
+        let last = end == message.len();
+        let header = protocol::migration_chunk_header(last, end - offset);
+        send.write_all_chunks(&mut [Bytes::copy_from_slice(&header), message.slice(offset..end)])
+            .await?;
+        if last {
+            return Ok(());
+        }
+        offset = end;
     }
-    while let Some(chunk) = chunks.next() {
-        let last = chunks.peek().is_none();
-        write_frame(
-            send,
-            &Frame::MigrationChunk {
-                last,
-                bytes: chunk.to_vec(),
-            },
-        )
-        .await?;
-    }
-    Ok(())
 }
 
-/// Reassembles migration messages from chunk frames.
+/// Reassembles migration messages from a stream of `MigrationChunk`
+/// frames, reading each payload straight into the message (one copy out
+/// of quinn's buffers). Any other frame ends the stream with an error.
+///
+/// Cancel-safe: `next` keeps all progress in `self` between awaits, so it
+/// may lose a `select!` race and be called again.
 pub struct MessageReader {
-    reader: FrameReader,
+    recv: quinn::RecvStream,
+    /// Header bytes received so far (starts with what a `FrameReader`
+    /// had buffered past the frames it returned).
+    pending: Vec<u8>,
+    /// The chunk being read: is it the message's last, bytes still due.
+    body: Option<(bool, usize)>,
     partial: Vec<u8>,
 }
 
 impl MessageReader {
+    /// Carries on from `reader` (its buffered bytes come first).
     pub fn new(reader: FrameReader) -> Self {
+        let (recv, pending) = reader.into_parts();
         Self {
-            reader,
+            recv,
+            pending,
+            body: None,
             partial: Vec::new(),
         }
     }
 
-    /// The next whole message; `None` at the end of the stream.
+    /// The next whole message; `None` when the stream ends between two
+    /// messages.
     pub async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
         loop {
-            match self.reader.next().await.map_err(|e| e.to_string())? {
-                None => return Ok(None),
-                Some(Frame::MigrationChunk { last, bytes }) => {
-                    if self.partial.len() + bytes.len() > MAX_MIGRATION_MESSAGE {
+            match self.body {
+                None if self.pending.len() >= protocol::MIGRATION_CHUNK_HEADER => {
+                    let header: [u8; protocol::MIGRATION_CHUNK_HEADER] = self.pending
+                        [..protocol::MIGRATION_CHUNK_HEADER]
+                        .try_into()
+                        .expect("length checked");
+                    let (last, len) = protocol::parse_migration_chunk_header(&header)
+                        .map_err(|e| format!("migration stream: {e}"))?;
+                    if self.partial.len() + len > MAX_MIGRATION_MESSAGE {
                         return Err(format!(
                             "migration message over {MAX_MIGRATION_MESSAGE} bytes"
                         ));
                     }
-                    self.partial.extend_from_slice(&bytes);
+                    self.pending.drain(..protocol::MIGRATION_CHUNK_HEADER);
+                    // Payload bytes that arrived with the header.
+                    let take = len.min(self.pending.len());
+                    self.partial.extend(self.pending.drain(..take));
+                    self.body = Some((last, len - take));
+                }
+                Some((last, 0)) => {
+                    self.body = None;
                     if last {
                         return Ok(Some(std::mem::take(&mut self.partial)));
                     }
                 }
-                Some(other) => {
-                    return Err(format!(
-                        "unexpected {} frame on a migration stream",
-                        other.name()
-                    ))
+                Some((last, due)) => {
+                    // `pending` is empty here: the body takes every byte
+                    // before the next header.
+                    match self
+                        .recv
+                        .read_chunk(due, true)
+                        .await
+                        .map_err(|e| format!("reading: {e}"))?
+                    {
+                        Some(chunk) => {
+                            self.partial.extend_from_slice(&chunk.bytes);
+                            self.body = Some((last, due - chunk.bytes.len()));
+                        }
+                        None => return Err("stream ended inside a migration chunk".into()),
+                    }
+                }
+                None => {
+                    let want = protocol::MIGRATION_CHUNK_HEADER - self.pending.len();
+                    match self
+                        .recv
+                        .read_chunk(want, true)
+                        .await
+                        .map_err(|e| format!("reading: {e}"))?
+                    {
+                        Some(chunk) => self.pending.extend_from_slice(&chunk.bytes),
+                        None if self.pending.is_empty() && self.partial.is_empty() => {
+                            return Ok(None)
+                        }
+                        None => return Err("stream ended inside a migration message".into()),
+                    }
                 }
             }
         }
@@ -107,6 +155,7 @@ fn fault_drop_after() -> Option<usize> {
 /// The source side's connection to the endpoints it migrates to.
 pub struct MigrationTransport {
     endpoint: quinn::Endpoint,
+    trust: Trust,
     token: String,
     conns: tokio::sync::Mutex<std::collections::HashMap<SocketAddr, quinn::Connection>>,
 }
@@ -116,6 +165,7 @@ impl MigrationTransport {
     pub fn new(local_hint: SocketAddr, trust: Trust, token: String) -> Result<Self, tls::TlsError> {
         Ok(Self {
             endpoint: tls::client_endpoint(local_hint, &trust)?,
+            trust,
             token,
             conns: tokio::sync::Mutex::new(Default::default()),
         })
@@ -128,9 +178,10 @@ impl MigrationTransport {
                 return Ok(c.clone());
             }
         }
+        let config = tls::migration_client_config(&self.trust, addr).map_err(|e| e.to_string())?;
         let conn = self
             .endpoint
-            .connect(addr, tls::SERVER_NAME)
+            .connect_with(config, addr, tls::SERVER_NAME)
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| e.to_string())?;
@@ -179,7 +230,7 @@ impl MigrationTransport {
                                     conn.close(1u32.into(), b"fault injection: migration connection dropped");
                                     return Err("fault injection: connection dropped".into());
                                 }
-                                write_message(&mut send, &bytes).await.map_err(|e| e.to_string())?;
+                                write_message(&mut send, bytes).await.map_err(|e| e.to_string())?;
                                 sent += 1;
                             }
                             None => {
@@ -242,7 +293,7 @@ pub async fn serve_incoming(
                     drop(reply_tx);
                     let drain = async {
                         while let Some(bytes) = reply_rx.recv().await {
-                            if write_message(&mut send, &bytes).await.is_err() {
+                            if write_message(&mut send, bytes).await.is_err() {
                                 return;
                             }
                         }
@@ -260,10 +311,137 @@ pub async fn serve_incoming(
                 }
             },
             Some(bytes) = reply_rx.recv() => {
-                if write_message(&mut send, &bytes).await.is_err() {
+                if write_message(&mut send, bytes).await.is_err() {
                     return;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::encode;
+
+    /// A loopback QUIC connection with migration's client config: (client
+    /// side, server side, endpoints kept alive).
+    async fn pair() -> (quinn::Connection, quinn::Connection, Vec<quinn::Endpoint>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (identity, _) = tls::load_or_create_identity(dir.path()).unwrap();
+        let server = tls::server_endpoint("127.0.0.1:0".parse().unwrap(), &identity).unwrap();
+        let addr = server.local_addr().unwrap();
+        let trust = Trust::Fingerprint(identity.fingerprint.clone());
+        let client = tls::client_endpoint(addr, &trust).unwrap();
+        let accept = {
+            let server = server.clone();
+            tokio::spawn(async move { server.accept().await.unwrap().await.unwrap() })
+        };
+        let config = tls::migration_client_config(&trust, addr).unwrap();
+        let c = client
+            .connect_with(config, addr, tls::SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        let s = accept.await.unwrap();
+        (c, s, vec![server, client])
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn messages_of_every_size_cross_whole_after_a_first_frame() {
+        let (client, server, _endpoints) = pair().await;
+        let sizes = [
+            0,
+            1,
+            4096,
+            MAX_MIGRATION_CHUNK,
+            MAX_MIGRATION_CHUNK + 17,
+            3 * MAX_MIGRATION_CHUNK - 1,
+        ];
+        let sender = tokio::spawn(async move {
+            let (mut send, _recv) = client.open_bi().await.unwrap();
+            // A first frame, then the messages right behind it (the
+            // reader's buffer holds some of the first chunk's bytes).
+            let first = Frame::Migrate {
+                token: "t".into(),
+                destination: 7,
+            };
+            let mut head = encode(&first);
+            head.extend_from_slice(&protocol::migration_chunk_header(true, 3));
+            head.extend_from_slice(b"abc");
+            send.write_all(&head).await.unwrap();
+            for (i, &n) in sizes.iter().enumerate() {
+                write_message(&mut send, pattern(n, i as u8)).await.unwrap();
+            }
+            send.finish().unwrap();
+            send.stopped().await.ok();
+            client
+        });
+        let (_send, recv) = server.accept_bi().await.unwrap();
+        let mut frames = FrameReader::new(recv, 1 << 16);
+        assert_eq!(
+            frames.next().await.unwrap(),
+            Some(Frame::Migrate {
+                token: "t".into(),
+                destination: 7
+            })
+        );
+        let mut messages = MessageReader::new(frames);
+        assert_eq!(messages.next().await.unwrap().as_deref(), Some(&b"abc"[..]));
+        for (i, &n) in sizes.iter().enumerate() {
+            let m = messages.next().await.unwrap().expect("a message");
+            assert_eq!(m.len(), n);
+            assert!(m == pattern(n, i as u8), "message {i} of {n} bytes differs");
+        }
+        assert_eq!(messages.next().await.unwrap(), None);
+        // Bulk transfer made MTU discovery climb past Ethernet's 1,500.
+        let client = sender.await.unwrap();
+        assert!(
+            client.stats().path.current_mtu > 1500,
+            "{:?}",
+            client.stats().path
+        );
+    }
+
+    #[tokio::test]
+    async fn a_foreign_frame_or_a_cut_chunk_is_an_error() {
+        let (client, server, _endpoints) = pair().await;
+        let sender = tokio::spawn(async move {
+            // A frame of another kind where a chunk is due.
+            let (mut send, _r) = client.open_bi().await.unwrap();
+            let foreign = Frame::Migrate {
+                token: "x".repeat(20),
+                destination: 1,
+            };
+            send.write_all(&encode(&foreign)).await.unwrap();
+            send.finish().unwrap();
+            // A chunk announcing more bytes than the stream carries.
+            let (mut send2, _r2) = client.open_bi().await.unwrap();
+            send2
+                .write_all(&protocol::migration_chunk_header(true, 100))
+                .await
+                .unwrap();
+            send2.write_all(&[0; 10]).await.unwrap();
+            send2.finish().unwrap();
+            send.stopped().await.ok();
+            send2.stopped().await.ok();
+            client
+        });
+        for want in [
+            "kind 0x30 where a migration chunk was expected",
+            "ended inside a migration chunk",
+        ] {
+            let (_send, recv) = server.accept_bi().await.unwrap();
+            let mut messages = MessageReader::new(FrameReader::new(recv, 1 << 16));
+            let err = messages.next().await.unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
+        drop(sender.await.unwrap());
     }
 }

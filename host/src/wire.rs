@@ -61,6 +61,12 @@ impl FrameReader {
         }
     }
 
+    /// The stream and the bytes already received from it that no returned
+    /// frame used (in order: they come before the stream's next bytes).
+    pub fn into_parts(mut self) -> (quinn::RecvStream, Vec<u8>) {
+        (self.recv, self.decoder.take_pending())
+    }
+
     /// Tells the peer to stop sending (used to refuse the rest of a stream).
     pub fn stop(&mut self, code: u32) {
         let _ = self.recv.stop(quinn::VarInt::from_u32(code));
