@@ -66,6 +66,24 @@ pub enum AdminCommand {
     },
 }
 
+/// An admin frame's gate: the token must match `expected` (constant-time
+/// comparison), then `command_json` must parse as an [`AdminCommand`].
+/// Pure (no I/O), so the fuzzer drives exactly what the server runs.
+pub fn authorize(
+    expected: &str,
+    token: &str,
+    command_json: &str,
+) -> Result<AdminCommand, ServeError> {
+    if !crate::tls::token_matches(expected, token) {
+        return Err(ServeError::new(
+            ErrorCode::Unauthorized,
+            "wrong or missing admin token",
+        ));
+    }
+    serde_json::from_str::<AdminCommand>(command_json)
+        .map_err(|e| ServeError::new(ErrorCode::Malformed, format!("admin command: {e}")))
+}
+
 fn default_replay_limit() -> usize {
     50
 }

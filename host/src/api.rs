@@ -205,10 +205,13 @@ pub enum ErrorCode {
     NotFound = 10,
     /// A failure inside the server.
     Internal = 11,
+    /// The peer was too slow: e.g. a stream whose first frame did not
+    /// arrive in time (slow-loris).
+    Timeout = 12,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::Malformed,
         ErrorCode::UnsupportedVersion,
         ErrorCode::InvalidParameter,
@@ -220,6 +223,7 @@ impl ErrorCode {
         ErrorCode::PolicyRejected,
         ErrorCode::NotFound,
         ErrorCode::Internal,
+        ErrorCode::Timeout,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -240,6 +244,7 @@ impl ErrorCode {
             ErrorCode::PolicyRejected => "policy_rejected",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
+            ErrorCode::Timeout => "timeout",
         }
     }
 
@@ -257,6 +262,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => 499,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
+            ErrorCode::Timeout => 408,
         }
     }
 }

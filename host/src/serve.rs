@@ -61,6 +61,10 @@ pub struct ServeConfig {
     /// Snapshots and finished requests' journal entries older than this are
     /// deleted (checked every minute).
     pub retention_s: u64,
+    /// How long a new QUIC stream may take to deliver its first frame
+    /// before it is answered `Timeout` and closed (slow-loris limit; an
+    /// admin frame carrying a policy component must arrive within it too).
+    pub first_frame_timeout_ms: u64,
 }
 
 impl Default for ServeConfig {
@@ -84,6 +88,7 @@ impl Default for ServeConfig {
             max_migrations_per_instance: 1,
             flush_period_ms: 1000,
             retention_s: 7 * 24 * 3600,
+            first_frame_timeout_ms: 10_000,
         }
     }
 }
@@ -231,6 +236,7 @@ pub async fn run_serve(
         manager: manager.clone(),
         admin,
         token: token.clone(),
+        first_frame_timeout: Duration::from_millis(config.first_frame_timeout_ms.max(1)),
     });
     let quic_task = tokio::spawn(run_quic(endpoint.clone(), ctx));
     // Migrations between the in-process instances go over QUIC through this

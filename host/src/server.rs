@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::admin::{Admin, AdminCommand};
+use crate::admin::Admin;
 use crate::api::{ErrorCode, GenerateEvent, ServeError, Serving};
 use crate::llumlet::{EventSender, InstanceEvent};
 use crate::manager::{relabel, InstanceLink, Manager};
@@ -25,6 +25,9 @@ pub struct ServerContext {
     pub manager: Manager,
     pub admin: Arc<Admin>,
     pub token: String,
+    /// How long a new stream may take to deliver its whole first frame
+    /// (a slow-loris stream is answered `Timeout` and closed).
+    pub first_frame_timeout: std::time::Duration,
 }
 
 /// Accepts connections until the endpoint closes.
@@ -70,7 +73,24 @@ async fn serve_stream(
     let decoder =
         FrameDecoder::new(protocol::MAX_ADMIN_FRAME).with_kind_limit(protocol::limit_by_kind);
     let mut reader = FrameReader::with_decoder(recv, decoder);
-    let first = match reader.next().await {
+    let first = match tokio::time::timeout(ctx.first_frame_timeout, reader.next()).await {
+        Err(_) => {
+            reader.stop(1);
+            return reply_error(
+                &mut send,
+                ServeError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "no complete first frame within {} ms",
+                        ctx.first_frame_timeout.as_millis()
+                    ),
+                ),
+            )
+            .await;
+        }
+        Ok(first) => first,
+    };
+    let first = match first {
         Ok(Some(f)) => f,
         Ok(None) => return,
         Err(WireError::Decode(e)) => {
@@ -89,25 +109,15 @@ async fn serve_stream(
             command_json,
             blob,
         } => {
-            let result = if !tls::token_matches(&ctx.token, &token) {
-                Err(ServeError::new(
-                    ErrorCode::Unauthorized,
-                    "wrong or missing admin token",
-                ))
-            } else {
-                match serde_json::from_str::<AdminCommand>(&command_json) {
-                    Err(e) => Err(ServeError::new(
-                        ErrorCode::Malformed,
-                        format!("admin command: {e}"),
-                    )),
-                    Ok(command) => {
-                        let admin = ctx.admin.clone();
-                        tokio::task::spawn_blocking(move || admin.handle(command, &blob))
-                            .await
-                            .unwrap_or_else(|e| {
-                                Err(ServeError::new(ErrorCode::Internal, e.to_string()))
-                            })
-                    }
+            let result = match crate::admin::authorize(&ctx.token, &token, &command_json) {
+                Err(e) => Err(e),
+                Ok(command) => {
+                    let admin = ctx.admin.clone();
+                    tokio::task::spawn_blocking(move || admin.handle(command, &blob))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(ServeError::new(ErrorCode::Internal, e.to_string()))
+                        })
                 }
             };
             match result {

@@ -87,7 +87,7 @@ pub struct LlamaWeights {
 /// SplitMix64: the deterministic generator behind random weights and the
 /// sampler (no dependency, same stream on every platform).
 #[derive(Clone, Debug)]
-pub(crate) struct SplitMix64(pub u64);
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
     pub fn next_u64(&mut self) -> u64 {
