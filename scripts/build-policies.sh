@@ -17,7 +17,12 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target=wasm32-unknown-unknown
 core_dir="$root/policies/target/$target/release"
 out_dir="${LLUMEN_POLICY_DIR:-$root/target/policies}"
-guests=(llumnix round_robin infaas queue_length hostile dispatch_only)
+guests=(llumnix round_robin infaas queue_length hostile dispatch_only wasi_reader)
+# The adversary library (policies/testing/adversaries): one example target,
+# hence one component, per misbehaviour.
+adversaries=(spin memory leak recursion panic slow wrong_ids duplicates oversize self_migration nonsense blatant)
+# Libraries (each guest's cdylib) and the adversaries' examples.
+build_args=(--locked --release --target "$target" --workspace --lib --examples)
 
 log() { printf 'build-policies: %s\n' "$*" >&2; }
 
@@ -31,7 +36,7 @@ remap=(--remap-path-prefix="${CARGO_HOME:-$HOME/.cargo}=/cargo" --remap-path-pre
 if [ -d "$host_sysroot/lib/rustlib/$target/lib" ]; then
     log "using the installed $target target of $(rustc --version)"
     (cd "$root/policies" && env -u RUSTC_BOOTSTRAP RUSTFLAGS="${remap[*]}" \
-        cargo build --locked --release --target "$target")
+        cargo build "${build_args[@]}")
 else
     debian_packages=(rustc-web cargo-web rust-web-src)
     missing=()
@@ -58,12 +63,13 @@ else
     (cd "$root/policies" && env -u RUSTFLAGS -u RUSTUP_TOOLCHAIN -u CARGO_BUILD_TARGET \
         RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="${remap[*]}" \
         "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=$linker" \
-        /usr/bin/cargo build --locked --release --target "$target" -Zbuild-std=std,panic_abort)
+        /usr/bin/cargo build "${build_args[@]}" -Zbuild-std=std,panic_abort)
 fi
 
 profile="${LLUMEN_PROFILE:-dev}"
 modules=()
 for g in "${guests[@]}"; do modules+=("$core_dir/$g.wasm"); done
+for a in "${adversaries[@]}"; do modules+=("$core_dir/examples/hostile_$a.wasm"); done
 log "packing ${#modules[@]} components into $out_dir"
 # Same cargo profile as what runs next (tests: dev; main job: release), so
 # the host is built once.

@@ -14,13 +14,19 @@
 //! snake_case fields carrying their unit (`p50_ns`); human output goes to
 //! stderr.
 
+mod compare;
 mod dispatch;
 mod engine_bench;
+mod live;
 mod migration_bench;
 mod policy_overhead;
 mod quic_overhead;
+mod record;
+mod report;
 mod rng;
+mod sim;
 mod stats;
+mod workload;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -44,6 +50,12 @@ enum Command {
     Engine(engine_bench::Args),
     /// Live migration of a running request between two engines over QUIC loopback: downtime, stages, recompute baseline, QUIC vs TCP bandwidth.
     Migration(migration_bench::Args),
+    /// A workload against a running (or spawned) llumen server over QUIC or HTTP, measured from the client's side.
+    Live(live::Args),
+    /// The Llumnix study in simulation: rates x policies x workloads (serving, priority, auto-scaling), tables, plots and claim files.
+    Compare(compare::Args),
+    /// Discrete-event cluster simulation: real engines (latency model) and real Wasm policies in virtual time.
+    Sim(sim::Args),
 }
 
 fn main() -> Result<()> {
@@ -53,5 +65,8 @@ fn main() -> Result<()> {
         Command::QuicOverhead(args) => quic_overhead::run(&args),
         Command::Engine(args) => engine_bench::run(&args),
         Command::Migration(args) => migration_bench::run(&args),
+        Command::Sim(args) => sim::run(&args),
+        Command::Live(args) => live::run(&args),
+        Command::Compare(args) => compare::run(&args),
     }
 }

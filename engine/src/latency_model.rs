@@ -1123,6 +1123,8 @@ pub struct LatencyModelBackend {
     token_range: Range<TokenId>,
     kv_bytes_per_block: usize,
     blocks: HashMap<BlockId, BlockContent>,
+    /// Keep the per-slot KV digests (see [`LatencyModelBackend::without_kv_contents`]).
+    kv_contents: bool,
 }
 
 impl LatencyModelBackend {
@@ -1136,7 +1138,20 @@ impl LatencyModelBackend {
             token_range: 3..32_000,
             kv_bytes_per_block,
             blocks: HashMap::new(),
+            kv_contents: true,
         }
+    }
+
+    /// Keeps no KV contents: steps write no slot digests, exports are the
+    /// never-written filler pattern of each block and imports are checked
+    /// for size only. Step times, tokens and exported sizes are unchanged;
+    /// only the byte-for-byte round trip of migrated KV is given up. For
+    /// the cluster simulator, where that bookkeeping (one hash-map write per
+    /// token) is pure overhead.
+    pub fn without_kv_contents(mut self) -> Self {
+        self.kv_contents = false;
+        self.blocks.clear();
+        self
     }
 
     /// Placeholder tokens are drawn from `range` instead of `3..32000`.
@@ -1287,13 +1302,15 @@ impl ModelBackend for LatencyModelBackend {
                 decode_batch += 1;
                 decode_context += s.start_position + 1;
             }
-            for (i, &t) in s.tokens.iter().enumerate() {
-                let pos = s.start_position + i;
-                self.write_slot(
-                    s.block_table[pos / bs],
-                    pos % bs,
-                    mix3(s.seq, pos as u64, t as u64) | 1,
-                );
+            if self.kv_contents {
+                for (i, &t) in s.tokens.iter().enumerate() {
+                    let pos = s.start_position + i;
+                    self.write_slot(
+                        s.block_table[pos / bs],
+                        pos % bs,
+                        mix3(s.seq, pos as u64, t as u64) | 1,
+                    );
+                }
             }
             next_tokens.push(self.placeholder_token(s.seq, s.start_position + s.tokens.len()));
         }
@@ -1332,6 +1349,9 @@ impl ModelBackend for LatencyModelBackend {
                 n,
                 data.len()
             )));
+        }
+        if !self.kv_contents {
+            return Ok(());
         }
         for (&b, chunk) in blocks.iter().zip(data.chunks_exact(n)) {
             let content = match self.parse_pattern(chunk) {
@@ -2084,5 +2104,35 @@ mod tests {
         assert_eq!(bytes.len(), 128);
         b.import_blocks(&[BlockId(9), BlockId(8)], &bytes).unwrap();
         assert_eq!(b.export_blocks(&[BlockId(9), BlockId(8)]).unwrap(), bytes);
+    }
+
+    #[test]
+    fn without_kv_contents_times_and_sizes_are_unchanged() {
+        let profile = Arc::new(LatencyProfile::derived_llama7b_a10());
+        let mut full = LatencyModelBackend::new(profile.clone()).with_kv_bytes_per_block(136);
+        let mut bare = LatencyModelBackend::new(profile)
+            .with_kv_bytes_per_block(136)
+            .without_kv_contents();
+        let batch = ForwardBatch {
+            sequences: vec![
+                seq(1, 0, (0..20).collect(), &[4, 2]),
+                seq(2, 7, vec![3], &[5]),
+            ],
+        };
+        assert_eq!(full.step(&batch).unwrap(), bare.step(&batch).unwrap());
+        assert!(bare.blocks.is_empty());
+        let bytes = bare.export_blocks(&[BlockId(4), BlockId(2)]).unwrap();
+        assert_eq!(bytes.len(), 2 * 136);
+        // Never-written blocks export their filler, whatever was computed.
+        let fresh = LatencyModelBackend::new(Arc::new(LatencyProfile::derived_llama7b_a10()))
+            .with_kv_bytes_per_block(136);
+        assert_eq!(
+            bytes,
+            fresh.export_blocks(&[BlockId(4), BlockId(2)]).unwrap()
+        );
+        bare.import_blocks(&[BlockId(9), BlockId(8)], &bytes)
+            .unwrap();
+        assert!(bare.import_blocks(&[BlockId(9)], &bytes).is_err());
+        assert!(bare.blocks.is_empty());
     }
 }

@@ -370,6 +370,22 @@ impl Manager {
                 requests = interrupted.len(),
                 "the journal shows requests in flight when the last run stopped"
             );
+            // They ended with that run: close them (failed, at this start)
+            // so that a later start does not list them again and retention
+            // can remove them. Durable before any new request is taken.
+            for &request in &interrupted {
+                let end = JournalEvent::Finished {
+                    at_us: started_us,
+                    completion_tokens: 0,
+                    outcome: JournalOutcome::Failed,
+                };
+                if let Err(e) = store.journal(request, &end) {
+                    tracing::error!(request, error = %e, "closing an interrupted request in the journal");
+                }
+            }
+            if let Err(e) = store.flush() {
+                tracing::error!(error = %e, "flushing the request journal");
+            }
         }
         Self {
             inner: Arc::new(Inner {

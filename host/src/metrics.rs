@@ -59,6 +59,14 @@
 //! - `llumen_policy_active{kind,version}`: 1 for the version that answers
 //!   the slot's calls now (the builtin when no Wasm version is active), 0 for
 //!   the others.
+//! - `llumen_policy_demotions_total{kind,version}`: times the version was
+//!   demoted after repeated failures; `llumen_policy_retries_total{kind,version}`:
+//!   times it was re-activated on probation after its back-off.
+//! - `llumen_policy_decision_duration_seconds{kind}` (summary, quantiles
+//!   0.5, 0.99 and 0.999, `_sum`, `_count`): whole decisions, the fallback
+//!   chain included, estimated from the runtime's weighted sample (see
+//!   [`crate::policy`]: every decision while a slot is unsettled, one in
+//!   [`crate::policy::LATENCY_SAMPLE_EVERY`] otherwise).
 //!
 //! Owns only counting and formatting; must never block on anything but its
 //! own short locks (it is called on the token path).
@@ -504,6 +512,52 @@ fn render_policies(out: &mut Out, policies: &[SlotStatus]) {
     for r in &rows {
         out.sample("llumen_policy_active", &labels(r), u64::from(r.active));
     }
+    out.family(
+        "llumen_policy_demotions_total",
+        "counter",
+        "Times a policy version was demoted after repeated failures.",
+    );
+    for r in &rows {
+        out.sample(
+            "llumen_policy_demotions_total",
+            &labels(r),
+            r.stats.demotions,
+        );
+    }
+    out.family(
+        "llumen_policy_retries_total",
+        "counter",
+        "Times a demoted policy version was retried on probation after its back-off.",
+    );
+    for r in &rows {
+        out.sample("llumen_policy_retries_total", &labels(r), r.stats.retries);
+    }
+    out.family(
+        "llumen_policy_decision_duration_seconds",
+        "summary",
+        "Duration of whole policy decisions, fallbacks included.",
+    );
+    for slot in policies {
+        let kind = slot.kind.as_str();
+        let l = &slot.decision_latency;
+        for (q, ns) in [("0.5", l.p50_ns), ("0.99", l.p99_ns), ("0.999", l.p999_ns)] {
+            out.sample(
+                "llumen_policy_decision_duration_seconds",
+                &[("kind", kind), ("quantile", q)],
+                ns as f64 / 1e9,
+            );
+        }
+        out.sample(
+            "llumen_policy_decision_duration_seconds_sum",
+            &[("kind", kind)],
+            l.sum_ns as f64 / 1e9,
+        );
+        out.sample(
+            "llumen_policy_decision_duration_seconds_count",
+            &[("kind", kind)],
+            l.count,
+        );
+    }
 }
 
 /// The stats label of the version that answers `slot`'s calls: the active
@@ -700,7 +754,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::policy::{PolicyKind, VersionInfo, VersionStats};
+    use crate::policy::{LatencySummary, PolicyKind, VersionInfo, VersionStats};
 
     /// One parsed sample line.
     #[derive(Debug, Clone)]
@@ -855,6 +909,8 @@ mod tests {
             invalid_answers: 4,
             unavailable: 5,
             answered_as_fallback: 6,
+            demotions: 7,
+            retries: 8,
             sampled_calls: 4,
             sampled_call_ns_total: 2_000_000,
             max_sampled_call_ns: 900_000,
@@ -879,6 +935,21 @@ mod tests {
                     // A hostile name: escaped, not breaking the format.
                     ("we\"ird\\na\nme@00".to_string(), stats(1)),
                 ]),
+                demotions: 7,
+                retries: 8,
+                probation: None,
+                pending_retry: None,
+                decision_latency: LatencySummary {
+                    count: 200,
+                    timed: 40,
+                    sum_ns: 4_000_000,
+                    max_ns: 30_000_000,
+                    p50_ns: 1_000,
+                    p90_ns: 2_000,
+                    p99_ns: 25_000_000,
+                    p999_ns: 30_000_000,
+                    buckets: vec![],
+                },
             },
             SlotStatus {
                 kind: PolicyKind::Scaling,
@@ -886,6 +957,11 @@ mod tests {
                 previous: vec![],
                 builtin: "threshold".into(),
                 stats: BTreeMap::from([("builtin:threshold".to_string(), stats(3))]),
+                demotions: 0,
+                retries: 0,
+                probation: None,
+                pending_retry: None,
+                decision_latency: LatencySummary::default(),
             },
         ]
     }
@@ -986,6 +1062,9 @@ mod tests {
             ("llumen_policy_call_duration_seconds", "summary"),
             ("llumen_policy_call_duration_seconds_max", "gauge"),
             ("llumen_policy_active", "gauge"),
+            ("llumen_policy_demotions_total", "counter"),
+            ("llumen_policy_retries_total", "counter"),
+            ("llumen_policy_decision_duration_seconds", "summary"),
         ] {
             assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
         }
@@ -1175,6 +1254,38 @@ mod tests {
         assert_eq!(value(&s, "llumen_policy_active", &weird), 0.0);
         // No Wasm version: the builtin is the active one.
         assert_eq!(value(&s, "llumen_policy_active", &scaling), 1.0);
+        assert_eq!(value(&s, "llumen_policy_demotions_total", &active), 7.0);
+        assert_eq!(value(&s, "llumen_policy_retries_total", &builtin), 8.0);
+        let d = [("kind", "dispatch")];
+        let q = |q| [("kind", "dispatch"), ("quantile", q)];
+        assert_eq!(
+            value(&s, "llumen_policy_decision_duration_seconds", &q("0.5")),
+            1e-6
+        );
+        assert_eq!(
+            value(&s, "llumen_policy_decision_duration_seconds", &q("0.99")),
+            0.025
+        );
+        assert_eq!(
+            value(&s, "llumen_policy_decision_duration_seconds", &q("0.999")),
+            0.03
+        );
+        assert_eq!(
+            value(&s, "llumen_policy_decision_duration_seconds_sum", &d),
+            0.004
+        );
+        assert_eq!(
+            value(&s, "llumen_policy_decision_duration_seconds_count", &d),
+            200.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "llumen_policy_decision_duration_seconds_count",
+                &[("kind", "scaling")]
+            ),
+            0.0
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! and a memory cap.
 //!
 //! [`PolicyEngine`] owns the wasmtime engine, the linker (whose only import is
-//! `llumen:policy/history`) and the epoch ticker that enforces deadlines.
+//! `llumen:policy/history`; a component importing anything else, WASI above
+//! all, is refused by name at compile time) and the epoch ticker that
+//! enforces deadlines (its epoch follows wall-clock time, catching up after
+//! an oversleep).
 //! [`CompiledPolicy`] is one compiled, pre-instantiated component.
 //! [`LiveInstance`] is one instantiation of it in its own store, with the
 //! typed handles of the interfaces the runtime calls.
@@ -28,6 +31,10 @@ pub type PolicySha = Arc<str>;
 const COMPONENT_VERSION: [u8; 4] = [0x0d, 0x00, 0x01, 0x00];
 const CORE_VERSION: [u8; 4] = [0x01, 0x00, 0x00, 0x00];
 
+/// Interfaces a policy may import: `llumen:policy/history` (and the types it
+/// uses). Anything else, WASI above all, is refused by name at compile time.
+const ALLOWED_IMPORT_PREFIX: &str = "llumen:policy/";
+
 /// Turns a core module built with wit-bindgen (which embeds its WIT world in
 /// a custom section) into a component; a component is returned unchanged.
 pub fn componentize(bytes: &[u8]) -> Result<Vec<u8>, PolicyError> {
@@ -40,8 +47,42 @@ pub fn componentize(bytes: &[u8]) -> Result<Vec<u8>, PolicyError> {
             .validate(true)
             .module(bytes)
             .and_then(|mut e| e.encode())
-            .map_err(PolicyError::Componentize),
+            .map_err(|e| match wasi_imports_of_core_module(bytes) {
+                imports if !imports.is_empty() => PolicyError::Sandbox { imports },
+                _ => PolicyError::Componentize(e),
+            }),
         _ => Err(PolicyError::NotWasm),
+    }
+}
+
+/// The WASI imports (`module::name`) of a core module that could not be
+/// made a component, e.g. one built for wasm32-wasip1 (whose std reads the
+/// clock and files through `wasi_snapshot_preview1`). Only on that error
+/// path: it compiles the module to read its imports.
+fn wasi_imports_of_core_module(bytes: &[u8]) -> Vec<String> {
+    let Ok(module) = wasmtime::Module::new(&Engine::default(), bytes) else {
+        return Vec::new();
+    };
+    module
+        .imports()
+        .filter(|i| i.module().starts_with("wasi"))
+        .map(|i| format!("{}::{}", i.module(), i.name()))
+        .collect()
+}
+
+/// Refuses a component that imports anything but `llumen:policy/*`.
+fn check_imports(engine: &Engine, component: &Component) -> Result<(), PolicyError> {
+    let imports: Vec<String> = component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| name)
+        .filter(|name| !name.starts_with(ALLOWED_IMPORT_PREFIX))
+        .map(str::to_owned)
+        .collect();
+    if imports.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyError::Sandbox { imports })
     }
 }
 
@@ -77,9 +118,20 @@ impl PolicyEngine {
             std::thread::Builder::new()
                 .name("llumen-policy-epoch".into())
                 .spawn(move || {
+                    // The epoch counts ticks of wall-clock time since the
+                    // start, not sleeps: a sleep that overshoots (a loaded
+                    // host) is caught up, so a deadline of n ticks lasts
+                    // n ticks of real time, not n oversleeps.
+                    let started = std::time::Instant::now();
+                    let tick_ns = tick.as_nanos().max(1);
+                    let mut epoch = 0u128;
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(tick);
-                        engine.increment_epoch();
+                        let due = started.elapsed().as_nanos() / tick_ns;
+                        while epoch < due {
+                            engine.increment_epoch();
+                            epoch += 1;
+                        }
                     }
                 })
                 .expect("spawning the epoch ticker thread")
@@ -107,6 +159,7 @@ impl PolicyEngine {
         let sha256: PolicySha = hex::encode(Sha256::digest(&component_bytes)).into();
         let component =
             Component::new(&self.engine, &component_bytes).map_err(PolicyError::Compile)?;
+        check_imports(&self.engine, &component)?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -223,8 +276,11 @@ impl PolicyEngine {
 
     fn deadline_ticks(&self) -> u64 {
         let tick = self.config.epoch_tick.as_nanos().max(1);
-        // +1: the current tick may be about to end.
-        (self.config.call_deadline.as_nanos().div_ceil(tick) as u64).max(1) + 1
+        // +2: the current tick may be about to end, and the epoch lags the
+        // wall clock by up to a tick between two wake-ups of the ticker. A
+        // call gets at least the deadline and at most two ticks more (plus
+        // however long the ticker waits for a core on a loaded host).
+        (self.config.call_deadline.as_nanos().div_ceil(tick) as u64).max(1) + 2
     }
 }
 
@@ -389,6 +445,12 @@ impl Default for RuntimeConfig {
             memory_limit_bytes: 32 << 20,
             history_max: 256,
             max_consecutive_failures: 3,
+            max_failures_in_window: 8,
+            failure_window: 16,
+            retry_backoff: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(300),
+            probation_calls: 32,
+            clock: super::Clock::system(),
             max_scale_up: 64,
             eager_sync: true,
         }

@@ -21,6 +21,8 @@ pub enum PolicyError {
     Componentize(anyhow::Error),
     #[error("compiling the component: {0:#}")]
     Compile(wasmtime::Error),
+    #[error("the component imports {}: policies cannot read files, the network or the clock (the only import a policy may have is llumen:policy/history@0.1.0)", imports.join(", "))]
+    Sandbox { imports: Vec<String> },
     #[error("the component does not fit the host (it may import something other than llumen:policy/history, such as WASI): {0:#}")]
     Link(wasmtime::Error),
     #[error("not a llumen:policy component: it does not export llumen:policy/fleet@0.1.0: {0:#}")]

@@ -7,9 +7,28 @@
 //! validated; when the active version traps, times out, exhausts its memory
 //! or answers nonsense, the call is answered by the last good version, else
 //! by the built-in native implementation, the failure is counted, and after
-//! `max_consecutive_failures` in a row the version is demoted. Hot swap
+//! `max_consecutive_failures` in a row (or `max_failures_in_window` of its
+//! last `failure_window` calls) the version is demoted. Hot swap
 //! type-checks and trial-calls a candidate off the hot path, then swaps it in
 //! between two calls; rollback restores the previous version.
+//!
+//! Retry with exponential back-off: a demoted version is re-activated on
+//! probation once `retry_backoff` has passed (on the runtime's [`Clock`],
+//! injectable for tests); any failure on probation demotes it again with
+//! twice the back-off (capped at `max_retry_backoff`), `probation_calls`
+//! good answers in a row end the probation and forget the back-off, and an
+//! admin swap or rollback cancels both. One demoted version waits per slot
+//! (the latest).
+//!
+//! Decision latency (the whole fallback chain included) goes into a
+//! histogram per slot. Two clock reads cost about a tenth of a decision, so
+//! a settled slot times one decision in [`LATENCY_SAMPLE_EVERY`] and counts
+//! it that many times; an unsettled one (a version active for fewer than
+//! [`SETTLE_CALLS`] decisions, a failure among the active version's last 64
+//! calls, a probation or a pending retry) times every decision. The
+//! selection never depends on the decision's own latency, so the weighted
+//! histogram estimates the true distribution, and every slow decision of a
+//! misbehaving version is timed.
 //!
 //! Data path: the runtime keeps the authoritative fleet table (latest load
 //! per instance) and a change log; before each call it sends a policy only
@@ -21,9 +40,11 @@
 //! answer out, and never block on anything but its own slot and fleet locks.
 
 mod bindings;
+mod clock;
 mod component;
 mod error;
 mod history;
+mod latency;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -41,9 +62,12 @@ use serde::Serialize;
 /// The WIT-generated records and the conversions to them (for callers that
 /// drive a [`LiveInstance`] directly, such as benchmarks).
 pub use bindings::{load_to_wit, request_to_wit, wit};
+pub use clock::{Clock, ManualClock};
 pub use component::{componentize, CompiledPolicy, LiveInstance, PolicyEngine, PolicySha};
 pub use error::PolicyError;
 pub use history::{RecentHistory, SnapshotHistory, StoreHistory};
+use latency::LatencyHistogram;
+pub use latency::LatencySummary;
 
 /// The four kinds of scheduling decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -114,6 +138,23 @@ pub struct RuntimeConfig {
     pub history_max: u32,
     /// Failures in a row after which the active version is demoted.
     pub max_consecutive_failures: u32,
+    /// Failures among the active version's last `failure_window` calls after
+    /// which it is demoted even when they were not in a row (a policy whose
+    /// every other call times out). 0 turns this rule off.
+    pub max_failures_in_window: u32,
+    /// Calls the rule above looks back over (at most 64).
+    pub failure_window: u32,
+    /// Wait before a demoted version is retried on probation; it doubles
+    /// with each further demotion of that version on probation. Zero: a
+    /// demoted version is never retried.
+    pub retry_backoff: Duration,
+    /// Cap of the doubling back-off.
+    pub max_retry_backoff: Duration,
+    /// Good answers in a row that end a retried version's probation (and
+    /// forget its back-off). Any failure on probation demotes it again.
+    pub probation_calls: u32,
+    /// Time source of the retry back-off (tests pass a [`ManualClock`]'s).
+    pub clock: Clock,
     /// Largest scale-up one scaling answer may ask for.
     pub max_scale_up: u32,
     /// Send each observed load to the idle policies at once (off the
@@ -179,6 +220,10 @@ pub struct VersionStats {
     pub unavailable: u64,
     /// Calls answered by this version as a stand-in for a failed active one.
     pub answered_as_fallback: u64,
+    /// Times this version was demoted after repeated failures.
+    pub demotions: u64,
+    /// Times this version was re-activated on probation after a demotion.
+    pub retries: u64,
     /// Latency is measured on one active call in [`LATENCY_SAMPLE_EVERY`]
     /// (reading the clock costs about as much as a tenth of a decision).
     pub sampled_calls: u64,
@@ -186,8 +231,13 @@ pub struct VersionStats {
     pub max_sampled_call_ns: u64,
 }
 
-/// One active-version call in this many is timed.
+/// One active-version call in this many is timed (and one decision in this
+/// many of a settled slot).
 pub const LATENCY_SAMPLE_EVERY: u64 = 8;
+
+/// Decisions after a version becomes active (swap, rollback, demotion,
+/// retry) during which every decision is timed.
+pub const SETTLE_CALLS: u32 = 64;
 
 impl VersionStats {
     fn merge(&mut self, o: &VersionStats) {
@@ -198,6 +248,8 @@ impl VersionStats {
         self.invalid_answers += o.invalid_answers;
         self.unavailable += o.unavailable;
         self.answered_as_fallback += o.answered_as_fallback;
+        self.demotions += o.demotions;
+        self.retries += o.retries;
         self.sampled_calls += o.sampled_calls;
         self.sampled_call_ns_total += o.sampled_call_ns_total;
         self.max_sampled_call_ns = self.max_sampled_call_ns.max(o.max_sampled_call_ns);
@@ -230,6 +282,38 @@ pub struct SlotStatus {
     pub builtin: String,
     /// Per version label (`<name>@<sha256 prefix>` or `builtin:<name>`).
     pub stats: BTreeMap<String, VersionStats>,
+    /// Demotions in this slot (all versions) since the runtime started.
+    pub demotions: u64,
+    /// Re-activations of demoted versions on probation.
+    pub retries: u64,
+    /// The active version, when it is a retried one still on probation.
+    pub probation: Option<ProbationStatus>,
+    /// A demoted version waiting to be retried.
+    pub pending_retry: Option<PendingRetryStatus>,
+    /// Latency of this slot's decisions, fallbacks included (decisions with
+    /// only one possible answer, which ask no policy, are not counted); a
+    /// weighted sample, see the module documentation.
+    pub decision_latency: LatencySummary,
+}
+
+/// A retried version on probation.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbationStatus {
+    pub version: VersionInfo,
+    /// Good answers so far, of `needed` in a row.
+    pub good_calls: u32,
+    pub needed: u32,
+    /// The back-off it waited; the next demotion doubles it.
+    pub backoff_ms: u64,
+}
+
+/// A demoted version and when it will be retried.
+#[derive(Clone, Debug, Serialize)]
+pub struct PendingRetryStatus {
+    pub version: VersionInfo,
+    pub backoff_ms: u64,
+    /// Time left until the retry (0: at the slot's next call).
+    pub retry_in_ms: u64,
 }
 
 /// Identity of one policy version.
@@ -323,6 +407,19 @@ struct Slot {
     builtin_name: Arc<str>,
     builtin_label: String,
     consecutive_failures: u32,
+    /// The active version's recent outcomes, newest in bit 0 (1: failed).
+    recent_outcomes: u64,
+    /// Set while the active version is a retried one on probation.
+    probation: Option<Probation>,
+    /// A demoted version waiting for its retry.
+    pending_retry: Option<PendingRetry>,
+    demotions: u64,
+    retries: u64,
+    decision_latency: LatencyHistogram,
+    /// Decisions asked of this slot (for the 1-in-8 sampling).
+    decisions: u64,
+    /// Decisions left to time exactly since the active version changed.
+    settling: u32,
     /// Counters of the active version (kept apart: they are bumped on every
     /// call), folded into `stats` when it stops being active.
     active_stats: VersionStats,
@@ -330,9 +427,24 @@ struct Slot {
     stats: BTreeMap<String, VersionStats>,
 }
 
+/// A retried version's probation.
+struct Probation {
+    /// The back-off it waited before this retry.
+    backoff: Duration,
+    good_calls: u32,
+}
+
+/// A demoted version waiting for its retry.
+struct PendingRetry {
+    policy: Arc<CompiledPolicy>,
+    at: Instant,
+    backoff: Duration,
+}
+
 impl Slot {
     /// Makes `policy` (served by `fresh`) the active version, with the native
     /// builtin of the same name behind it; returns the version it replaces.
+    /// An admin's choice: any probation and pending retry are cancelled.
     fn activate(
         &mut self,
         policy: Arc<CompiledPolicy>,
@@ -342,8 +454,64 @@ impl Slot {
         self.set_builtin(&policy.name);
         self.live = Some(fresh);
         self.fallback_live = None;
-        self.consecutive_failures = 0;
+        self.reset_outcomes();
+        self.settling = SETTLE_CALLS;
+        self.probation = None;
+        if let Some(cancelled) = self.pending_retry.take() {
+            tracing::info!(kind = %self.kind, policy = %cancelled.policy.label, "pending retry cancelled by an admin swap");
+        }
         self.active.replace(policy)
+    }
+
+    fn reset_outcomes(&mut self) {
+        self.consecutive_failures = 0;
+        self.recent_outcomes = 0;
+    }
+
+    /// How many decisions the next one counts for in the latency histogram
+    /// (0: not timed); see the module documentation.
+    fn latency_weight(&mut self) -> u64 {
+        let unsettled = self.settling > 0
+            || self.recent_outcomes != 0
+            || self.probation.is_some()
+            || self.pending_retry.is_some();
+        self.settling = self.settling.saturating_sub(1);
+        let n = self.decisions;
+        self.decisions += 1;
+        if unsettled {
+            1
+        } else if n.is_multiple_of(LATENCY_SAMPLE_EVERY) {
+            LATENCY_SAMPLE_EVERY
+        } else {
+            0
+        }
+    }
+
+    /// Records the active version's outcome; true when it must be demoted.
+    fn record_outcome(&mut self, failed: bool, config: &RuntimeConfig) -> bool {
+        self.recent_outcomes = (self.recent_outcomes << 1) | u64::from(failed);
+        if !failed {
+            self.consecutive_failures = 0;
+            if let Some(p) = &mut self.probation {
+                p.good_calls += 1;
+                if p.good_calls >= config.probation_calls {
+                    self.probation = None;
+                    tracing::info!(kind = %self.kind, policy = %self.active.as_deref().map(|p| p.label.as_str()).unwrap_or(""), "retried policy passed its probation");
+                }
+            }
+            return false;
+        }
+        self.consecutive_failures += 1;
+        let window = config.failure_window.min(64);
+        let mask = if window >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << window) - 1
+        };
+        self.probation.is_some()
+            || self.consecutive_failures >= config.max_consecutive_failures
+            || (config.max_failures_in_window > 0
+                && (self.recent_outcomes & mask).count_ones() >= config.max_failures_in_window)
     }
 
     /// Moves the active version's counters into `stats`; call before the
@@ -417,6 +585,14 @@ impl PolicyRuntime {
                 builtin_name: "".into(),
                 builtin_label: String::new(),
                 consecutive_failures: 0,
+                recent_outcomes: 0,
+                probation: None,
+                pending_retry: None,
+                demotions: 0,
+                retries: 0,
+                decision_latency: LatencyHistogram::default(),
+                decisions: 0,
+                settling: SETTLE_CALLS,
                 active_stats: VersionStats::default(),
                 stats: BTreeMap::new(),
             };
@@ -613,7 +789,8 @@ impl PolicyRuntime {
 
     /// One decision: the active version, else the last good one, else the
     /// builtin. `trivial` answers without asking anyone when the question
-    /// has only one answer (e.g. no instance to dispatch to).
+    /// has only one answer (e.g. no instance to dispatch to). A demoted
+    /// version whose back-off has passed is retried first.
     fn decide<T: Clone>(
         &self,
         kind: PolicyKind,
@@ -632,6 +809,27 @@ impl PolicyRuntime {
                 failure: None,
             };
         }
+        let weight = slot.latency_weight();
+        let started = (weight > 0).then(Instant::now);
+        self.retry_if_due(slot);
+        let decision = self.decide_locked(slot, kind, &table, &wasm, native);
+        if let Some(started) = started {
+            let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            slot.decision_latency.record(elapsed, weight);
+        }
+        decision
+    }
+
+    /// [`Self::decide`] past the trivial case, with the slot locked.
+    fn decide_locked<T: Clone>(
+        &self,
+        slot: &mut Slot,
+        kind: PolicyKind,
+        table: &FleetTable,
+        wasm: &impl Fn(&mut LiveInstance, &Fleet) -> Result<T, CallFailure>,
+        native: impl FnOnce(&mut dyn Policy, &Fleet) -> T,
+    ) -> Decision<T> {
+        let config = self.engine.config();
         let mut failure = None;
         if let Some(active) = slot.active.clone() {
             let stats = &mut slot.active_stats;
@@ -640,7 +838,7 @@ impl PolicyRuntime {
                 .is_multiple_of(LATENCY_SAMPLE_EVERY)
                 .then(Instant::now);
             stats.calls += 1;
-            let result = self.call_live(&mut slot.live, &active, kind, &table, &wasm);
+            let result = self.call_live(&mut slot.live, &active, kind, table, wasm);
             if let Some(started) = started {
                 let elapsed = started.elapsed().as_nanos() as u64;
                 stats.sampled_calls += 1;
@@ -649,7 +847,7 @@ impl PolicyRuntime {
             }
             match result {
                 Ok(value) => {
-                    slot.consecutive_failures = 0;
+                    slot.record_outcome(false, config);
                     return Decision {
                         value,
                         source: DecisionSource::Active {
@@ -662,14 +860,12 @@ impl PolicyRuntime {
                 Err(f) => {
                     stats.count_failure(&f);
                     tracing::warn!(%kind, policy = %active.label, failure = %f, "policy call failed; falling back");
-                    slot.consecutive_failures += 1;
                     failure = Some(f);
                 }
             }
-            let demote = slot.consecutive_failures >= self.engine.config().max_consecutive_failures;
+            let demote = slot.record_outcome(true, config);
             if let Some(previous) = slot.previous.last().cloned() {
-                let result =
-                    self.call_live(&mut slot.fallback_live, &previous, kind, &table, &wasm);
+                let result = self.call_live(&mut slot.fallback_live, &previous, kind, table, wasm);
                 let stats = stats_of(&mut slot.stats, &previous.label);
                 stats.calls += 1;
                 match result {
@@ -738,13 +934,21 @@ impl PolicyRuntime {
         result
     }
 
-    /// The active version failed too often in a row: the previous version
-    /// (or the builtin) takes over.
+    /// The active version failed too often: the previous version (or the
+    /// builtin) takes over, and the failed one waits for its retry, its
+    /// back-off doubled when it failed on probation.
     fn demote(&self, slot: &mut Slot) {
+        let config = self.engine.config();
         slot.fold_active_stats();
         let failed = slot.active.take();
+        let backoff = match slot.probation.take() {
+            Some(p) => p.backoff.saturating_mul(2),
+            None => config.retry_backoff,
+        }
+        .min(config.max_retry_backoff);
         slot.live = None;
-        slot.consecutive_failures = 0;
+        slot.reset_outcomes();
+        slot.settling = SETTLE_CALLS;
         if let Some(previous) = slot.previous.pop() {
             slot.live = slot
                 .fallback_live
@@ -752,12 +956,60 @@ impl PolicyRuntime {
                 .filter(|l| l.policy.sha256 == previous.sha256);
             slot.active = Some(previous);
         }
+        let Some(failed) = failed else { return };
+        slot.demotions += 1;
+        stats_of(&mut slot.stats, &failed.label).demotions += 1;
         tracing::error!(
             kind = %slot.kind,
-            demoted = failed.as_deref().map(|p| p.label.clone()).unwrap_or_default(),
-            now = slot.active.as_deref().map(|p| p.label.clone()).unwrap_or_else(|| "builtin".into()),
+            demoted = %failed.label,
+            now = slot.active.as_deref().map(|p| p.label.clone()).unwrap_or_else(|| slot.builtin_label.clone()),
+            retry_in_ms = backoff.as_millis() as u64,
             "policy demoted after repeated failures"
         );
+        if config.retry_backoff.is_zero() {
+            return;
+        }
+        let retry = PendingRetry {
+            at: config.clock.now() + backoff,
+            policy: failed,
+            backoff,
+        };
+        if let Some(dropped) = slot.pending_retry.replace(retry) {
+            tracing::warn!(kind = %slot.kind, policy = %dropped.policy.label, "a later demotion replaces this version's pending retry");
+        }
+    }
+
+    /// Re-activates the slot's demoted version on probation once its back-off
+    /// has passed; the version answering until now becomes its fallback.
+    fn retry_if_due(&self, slot: &mut Slot) {
+        let Some(pending) = &slot.pending_retry else {
+            return;
+        };
+        if self.engine.config().clock.now() < pending.at {
+            return;
+        }
+        let retry = slot.pending_retry.take().expect("checked above");
+        slot.fold_active_stats();
+        if let Some(current) = slot.active.take() {
+            slot.previous.push(current);
+            slot.fallback_live = slot.live.take();
+        }
+        slot.live = None;
+        slot.reset_outcomes();
+        slot.settling = SETTLE_CALLS;
+        slot.retries += 1;
+        stats_of(&mut slot.stats, &retry.policy.label).retries += 1;
+        tracing::warn!(
+            kind = %slot.kind,
+            policy = %retry.policy.label,
+            backoff_ms = retry.backoff.as_millis() as u64,
+            "retrying a demoted policy on probation"
+        );
+        slot.probation = Some(Probation {
+            backoff: retry.backoff,
+            good_calls: 0,
+        });
+        slot.active = Some(retry.policy);
     }
 
     // ----- hot swap -----
@@ -872,6 +1124,25 @@ impl PolicyRuntime {
                 }
                 stats
             },
+            demotions: slot.demotions,
+            retries: slot.retries,
+            probation: slot.probation.as_ref().and_then(|p| {
+                Some(ProbationStatus {
+                    version: VersionInfo::from(&**slot.active.as_ref()?),
+                    good_calls: p.good_calls,
+                    needed: self.engine.config().probation_calls,
+                    backoff_ms: p.backoff.as_millis() as u64,
+                })
+            }),
+            pending_retry: slot.pending_retry.as_ref().map(|r| PendingRetryStatus {
+                version: VersionInfo::from(&*r.policy),
+                backoff_ms: r.backoff.as_millis() as u64,
+                retry_in_ms: r
+                    .at
+                    .saturating_duration_since(self.engine.config().clock.now())
+                    .as_millis() as u64,
+            }),
+            decision_latency: slot.decision_latency.summary(),
         }
     }
 }

@@ -106,7 +106,8 @@ pub fn assign(a: PriorityAssignment, fleet: &Fleet) -> Result<PriorityAssignment
     Ok(a)
 }
 
-/// A scale-up within bounds; a drain of a known instance not already draining.
+/// A scale-up within bounds; a drain of a known instance not already
+/// draining and not the last one serving.
 pub fn scaling(
     d: ScalingDecision,
     fleet: &Fleet,
@@ -121,6 +122,9 @@ pub fn scaling(
             Some(l) if l.draining => {
                 Err(invalid(format!("drain of instance {id}, already draining")))
             }
+            Some(_) if fleet.serving().count() <= 1 => Err(invalid(format!(
+                "drain of instance {id}, the last one serving"
+            ))),
             Some(_) => Ok(d),
         },
         _ => Ok(d),
@@ -185,5 +189,50 @@ mod tests {
         assert!(scaling(ScalingDecision::ScaleUp(9), &f, 8).is_err());
         assert!(scaling(ScalingDecision::Drain(3), &f, 8).is_err());
         assert!(scaling(ScalingDecision::Drain(2), &f, 8).is_ok());
+        assert!(scaling(ScalingDecision::Drain(9), &f, 8).is_err());
+        assert!(scaling(ScalingDecision::ScaleUp(u32::MAX), &f, 8).is_err());
+        let mut last = Fleet::new();
+        last.reset([0, 1].map(|i| InstanceLoad {
+            instance: i,
+            total_blocks: 100,
+            draining: i == 1,
+            ..Default::default()
+        }));
+        assert!(scaling(ScalingDecision::Drain(0), &last, 8).is_err());
+    }
+
+    /// The answers of the adversary library (policies/testing/adversaries)
+    /// that only validation can catch, each with the rule that catches it.
+    #[test]
+    fn rejects_what_the_adversaries_answer() {
+        let f = fleet();
+        let p = |source, destination| MigrationPair {
+            source,
+            destination,
+        };
+        let msg = |r: Result<Vec<MigrationPair>, CallFailure>| match r {
+            Err(CallFailure::Invalid(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        // Self-migration, a duplicated pair, wrong ids, oversize.
+        assert!(msg(plan(vec![p(1, 1)], &f)).contains("paired with itself"));
+        assert!(msg(plan(vec![p(0, 1), p(0, 1)], &f)).contains("more than one migration pair"));
+        assert!(msg(plan(vec![p(0xDEAD_0000, 0xDEAD_0001)], &f)).contains("unknown instance"));
+        assert!(msg(plan(vec![p(0, 1); 1 << 19], &f)).contains("migration pairs for a fleet of 4"));
+        let c = |id| MigrationCandidate {
+            id,
+            ..Default::default()
+        };
+        let candidates = [c(1), c(2), c(3)];
+        for (ids, expected) in [
+            (vec![2, 2], "chosen twice"),
+            (vec![u64::MAX - 0xDEAD], "not a migration candidate"),
+            (vec![1; 1 << 19], "requests chosen from 3 candidates"),
+        ] {
+            match choose(ids, &candidates) {
+                Err(CallFailure::Invalid(m)) => assert!(m.contains(expected), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

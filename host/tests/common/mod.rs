@@ -37,6 +37,12 @@ pub struct Server {
 impl Server {
     /// Starts `llumen serve --model tiny` on free ports in `data_dir`.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::start_env(data_dir, extra, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (e.g. a
+    /// `LLUMEN_LOG` filter).
+    pub fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let stderr_log = data_dir.with_extension("stderr.log");
         let log = std::fs::File::create(&stderr_log).unwrap();
         let mut child = Command::new(llumen())
@@ -55,6 +61,7 @@ impl Server {
             .arg(policy_dir())
             .args(extra)
             .env("LLUMEN_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -245,4 +252,177 @@ pub async fn wait_for_loads(client: &Client, token: &str, n: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{n} instances did not report their loads");
+}
+
+// ---- Helpers of the reliability tests (faults, load, recovery). ----
+
+impl Server {
+    /// The process id of `llumen serve`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Where this server's stderr goes.
+    pub fn stderr_path(&self) -> &Path {
+        &self.stderr_log
+    }
+
+    /// `kill -9`: no flush, no goodbye to clients or instances; then reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// [`join_instance`] with `blocks` KV blocks; the log goes to
+/// `log_dir/<name>.log` (its path is returned too).
+pub fn join_instance_with(
+    server: &Server,
+    log_dir: &Path,
+    name: &str,
+    env: &[(&str, &str)],
+    blocks: usize,
+) -> (Child, u32, PathBuf) {
+    let log_path = log_dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(llumen())
+        .args(["instance", "--model", "tiny", "--blocks"])
+        .arg(blocks.to_string())
+        .arg("--join")
+        .arg(server.quic().to_string())
+        .arg("--data-dir")
+        .arg(&server.data_dir)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("starting llumen instance");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+        panic!(
+            "llumen instance {name}: {e}: {line:?}\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        )
+    });
+    (child, v["instance"].as_u64().unwrap() as u32, log_path)
+}
+
+/// `llumen status` through an admin stream.
+pub async fn status(client: &Client, token: &str) -> serde_json::Value {
+    client
+        .admin(token, &llumen_host::admin::AdminCommand::Status, &[])
+        .await
+        .expect("status")
+}
+
+/// Migrations the manager started and has not seen end.
+pub fn migrations_in_flight(status: &serde_json::Value) -> u64 {
+    let m = &status["migrations"];
+    let n = |k: &str| m[k].as_u64().unwrap_or(0);
+    n("started").saturating_sub(n("committed") + n("aborted") + n("not_started"))
+}
+
+/// True when every instance holds no block, request or migration, the
+/// manager has no request in flight and no migration running.
+pub fn fleet_is_clean(status: &serde_json::Value) -> bool {
+    status["instances"].as_array().unwrap().iter().all(|i| {
+        let l = &i["load"];
+        l["used_blocks"] == 0
+            && l["running"] == 0
+            && l["waiting"] == 0
+            && l["migrating_in"] == 0
+            && l["migrating_out"] == 0
+    }) && status["requests_in_flight"] == 0
+        && migrations_in_flight(status) == 0
+}
+
+/// Waits (up to `within`) until [`fleet_is_clean`]; the last status seen
+/// and whether it was clean.
+pub async fn wait_clean(
+    client: &Client,
+    token: &str,
+    within: Duration,
+) -> (bool, serde_json::Value) {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = status(client, token).await;
+        if fleet_is_clean(&s) {
+            return (true, s);
+        }
+        if Instant::now() >= deadline {
+            return (false, s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A field of /proc/PID/status in KiB (`VmHWM`: peak resident set,
+/// `VmRSS`: resident now).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The `p`-th percentile (0..=100, nearest rank) of ascending `sorted`.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A small seeded generator (SplitMix64): the tests' choices replay from
+/// their seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo)
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// The seed of a seeded test: `$name` in the environment, else `default`.
+pub fn seed_from_env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A temporary directory for a test; kept (and its path printed) when
+/// `LLUMEN_KEEP_TEST_DIR` is set, for reading the processes' logs.
+pub fn test_dir() -> tempfile::TempDir {
+    let mut dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("LLUMEN_KEEP_TEST_DIR").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("test dir kept: {}", dir.path().display());
+    }
+    dir
 }

@@ -1,0 +1,4 @@
+//! `hostile-duplicates`: see [`adversaries::Behaviour::Duplicates`].
+llumen_policy_guest::export_policy!(adversaries::Adversary::new(
+    adversaries::Behaviour::Duplicates
+));

@@ -1,0 +1,4 @@
+//! `hostile-memory`: see [`adversaries::Behaviour::MemoryBomb`].
+llumen_policy_guest::export_policy!(adversaries::Adversary::new(
+    adversaries::Behaviour::MemoryBomb
+));

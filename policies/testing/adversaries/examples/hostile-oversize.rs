@@ -1,0 +1,4 @@
+//! `hostile-oversize`: see [`adversaries::Behaviour::Oversize`].
+llumen_policy_guest::export_policy!(adversaries::Adversary::new(
+    adversaries::Behaviour::Oversize
+));
