@@ -386,6 +386,11 @@ impl<B: ModelBackend> StepLoop<B> {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         self.publish();
         loop {
+            // Counts before this turn's commands: new requests are
+            // published before the step, so that the dispatcher sees them
+            // now rather than a step later (load-based dispatch would
+            // otherwise herd every arrival of a step onto one instance).
+            let before_commands = self.counts();
             // Nothing to step (or nothing could be scheduled last time:
             // requests waiting for blocks held elsewhere): block until a
             // command arrives, a migration deadline passes, or it is time
@@ -428,6 +433,9 @@ impl<B: ModelBackend> StepLoop<B> {
             self.timeouts();
             self.reap_cancelled();
             let before = self.counts();
+            if before != before_commands {
+                self.publish();
+            }
             if !self.engine.scheduler().is_idle() {
                 self.step();
                 self.after_step();

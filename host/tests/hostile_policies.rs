@@ -386,7 +386,7 @@ fn every_adversary_is_contained_in_every_kind() {
 #[test]
 fn memory_growth_across_calls_hits_the_cap_and_a_fresh_instance_serves() {
     let rt = PolicyRuntime::new(RuntimeConfig::default(), "llumnix").unwrap();
-    let fleet = four_instance_fleet(&rt);
+    let mut fleet = four_instance_fleet(&rt);
     let leak = compiled(&rt, "hostile-leak");
     rt.swap(PolicyKind::Dispatch, leak.clone()).unwrap();
     let mut good_before_cap = 0;
@@ -394,6 +394,10 @@ fn memory_growth_across_calls_hits_the_cap_and_a_fresh_instance_serves() {
     for id in 0..40u64 {
         let d = rt.dispatch(&request(id));
         assert_eq!(d.value, Llumnix::default().dispatch(&fleet, &request(id)));
+        // The runtime counts each dispatched request at its instance.
+        if let Some(load) = d.value.and_then(|i| fleet.get(i).copied()) {
+            fleet.upsert([load.with_dispatched(request(id).prompt_tokens)]);
+        }
         match d.failure {
             None => {
                 if failures == 0 {

@@ -221,6 +221,11 @@ fn check_matches_native(name: &str, seed: u64, steps: usize) {
             assert_active(&d, &policy);
         }
         assert_eq!(d.value, native[0].dispatch(&fleet, &request), "{ctx}");
+        // The runtime counts the request at its instance until the next
+        // snapshot: so does the reference view.
+        if let Some(load) = d.value.and_then(|i| fleet.get(i).copied()) {
+            fleet.upsert([load.with_dispatched(request.prompt_tokens)]);
+        }
 
         if step % 5 == 0 {
             let d = rt.plan_migration();
@@ -652,6 +657,9 @@ fn hot_swap_and_rollback_under_a_decision_stream() {
             native.dispatch(&fleet, &request),
             "call {k} ({name})"
         );
+        if let Some(load) = d.value.and_then(|i| fleet.get(i).copied()) {
+            fleet.upsert([load.with_dispatched(request.prompt_tokens)]);
+        }
     }
     assert_eq!(
         transitions.len(),

@@ -24,7 +24,9 @@
 //! the step's end the outgoing migrations see it (`on_engine_step`), the
 //! load snapshot is published to the policies (after every step that
 //! changed the running/waiting counts, else at most every 5 ms, the
-//! llumlet's rule), and the next turn follows.
+//! llumlet's rule), and the next turn follows; a turn whose commands
+//! changed those counts publishes before its step too (the llumlet's rule,
+//! so that the dispatcher sees new requests at once).
 //!
 //! Departures from the llumlet and the manager (they live on threads,
 //! channels and QUIC; the simulator runs their logic on one thread):
@@ -601,6 +603,7 @@ impl<'a> World<'a> {
     /// The llumlet's loop body: mailbox, timeouts, one step.
     fn turn(&mut self, id: u32) -> Result<()> {
         let now = self.now;
+        let before_commands = self.instances[id as usize].counts();
         while let Some(cmd) = self.instances[id as usize].mailbox.pop_front() {
             self.apply(id, cmd)?;
         }
@@ -609,6 +612,11 @@ impl<'a> World<'a> {
         if inst.engine.scheduler().is_idle() {
             self.publish_if_changed(id);
         } else {
+            // As the llumlet: new requests are published before the step.
+            if inst.counts() != before_commands && inst.phase != Phase::Starting {
+                self.publish(id);
+            }
+            let inst = &mut self.instances[id as usize];
             inst.counts_before = inst.counts();
             let report = inst
                 .engine

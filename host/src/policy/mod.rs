@@ -707,9 +707,15 @@ impl PolicyRuntime {
 
     /// The instance that serves `request`; `None` only when no instance
     /// accepts requests (then no policy is asked).
+    ///
+    /// The chosen instance's load in the fleet view then counts the request
+    /// as waiting there (its prompt as waiting demand) until the instance's
+    /// next snapshot replaces it: an instance applies new requests only
+    /// between engine steps, and without this every arrival of a step
+    /// would see the same stale loads and go to the same instance.
     pub fn dispatch(&self, request: &RequestMeta) -> Decision<Option<InstanceId>> {
         let wit_request = bindings::request_to_wit(request);
-        self.decide(
+        let decision = self.decide(
             PolicyKind::Dispatch,
             |fleet| fleet.serving().next().is_none().then_some(None),
             |live, fleet| {
@@ -718,7 +724,28 @@ impl PolicyRuntime {
                     .map(Some)
             },
             |p, fleet| p.dispatch(fleet, request),
-        )
+        );
+        if let Some(instance) = decision.value {
+            self.count_dispatched(instance, request);
+        }
+        decision
+    }
+
+    /// Adds a just-dispatched request to `instance`'s load in the fleet
+    /// view (not to the recorded history: the instance's own snapshots are
+    /// the record).
+    fn count_dispatched(&self, instance: InstanceId, request: &RequestMeta) {
+        {
+            let mut table = self.fleet.write().unwrap_or_else(|e| e.into_inner());
+            let Some(load) = table.fleet.get(instance).copied() else {
+                return;
+            };
+            table.fleet.upsert([load.with_dispatched(request.prompt_tokens)]);
+            table.changed(instance);
+        }
+        if self.engine.config().eager_sync {
+            self.push_changes();
+        }
     }
 
     /// Migration pairs for this period.

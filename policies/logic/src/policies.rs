@@ -116,8 +116,11 @@ impl Policy for Llumnix {
 
     /// The freest instance by dispatch freeness. A normal request avoids
     /// instances holding high-priority requests (they carry the headroom); a
-    /// high-priority one goes where high-priority requests already are. When
-    /// the preferred pool is empty, every serving instance is a candidate.
+    /// high-priority one goes where high-priority requests already are while
+    /// such an instance has room (its freeness is not below the migration
+    /// threshold, so it would not shed load at once); otherwise the pool
+    /// grows by the freest instance. When the preferred pool is empty, every
+    /// serving instance is a candidate.
     fn dispatch(&mut self, fleet: &Fleet, request: &RequestMeta) -> Option<InstanceId> {
         let high = request.priority > 0;
         // One pass: the freest in the preferred pool and the freest overall.
@@ -132,6 +135,9 @@ impl Policy for Llumnix {
             {
                 in_pool = Some((f, load.instance));
             }
+        }
+        if high {
+            in_pool = in_pool.filter(|(f, _)| !f.below(self.params.migrate_out_below));
         }
         in_pool.or(overall).map(|(_, id)| id)
     }
@@ -347,7 +353,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.dispatch(&f, &normal), Some(2));
-        assert_eq!(p.dispatch(&f, &high), Some(0));
+        // The high-priority pool (instance 0) is full: freeness
+        // (99 − 90) / 4 is below the migration threshold, so the pool grows
+        // by the freest instance.
+        assert_eq!(p.dispatch(&f, &high), Some(2));
+        // With room in the pool, high-priority requests join it.
+        let mut roomy = load(0, 40, 4, 0);
+        roomy.high_priority_requests = 1;
+        let f2 = fleet(&[roomy, load(1, 50, 5, 0), load(2, 10, 5, 0)]);
+        assert_eq!(p.dispatch(&f2, &high), Some(0));
+        assert_eq!(p.dispatch(&f2, &normal), Some(2));
         let mut draining = load(2, 0, 0, 0);
         draining.draining = true;
         let f = fleet(&[load(1, 50, 5, 0), draining]);

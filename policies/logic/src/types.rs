@@ -30,6 +30,19 @@ pub struct InstanceLoad {
 }
 
 impl InstanceLoad {
+    /// This load with one more waiting request of `prompt_tokens` (the
+    /// global scheduler's own count of a request it just dispatched here,
+    /// until the instance's next snapshot shows it).
+    pub fn with_dispatched(mut self, prompt_tokens: u32) -> InstanceLoad {
+        let demand = prompt_tokens.div_ceil(self.block_size.max(1));
+        if self.waiting == 0 {
+            self.head_of_line_demand_blocks = demand;
+        }
+        self.waiting = self.waiting.saturating_add(1);
+        self.waiting_demand_blocks = self.waiting_demand_blocks.saturating_add(demand);
+        self
+    }
+
     /// Free blocks above the watermark (negative when the instance is
     /// already below it).
     pub fn available_blocks(&self) -> i64 {
