@@ -49,7 +49,7 @@ pub struct Args {
     workload: Vec<String>,
     /// Rate of the priority experiment (the paper: 26 req/s on its fleet;
     /// here a rate at which the stand-in profile's 16 instances are busy).
-    #[arg(long, default_value_t = 80.0)]
+    #[arg(long, default_value_t = 50.0)]
     priority_rate: f64,
     /// Policy components directory.
     #[arg(long, env = "LLUMEN_POLICY_DIR", default_value = "target/policies")]
@@ -91,7 +91,7 @@ struct Point {
 /// fleet into saturation of this profile's 16 instances.
 const SERVING: [(&str, &[f64]); 4] = [
     ("poisson;lengths=fixed:128:128", &[60.0, 90.0, 110.0, 120.0]),
-    ("poisson;lengths=zipf:256:256", &[20.0, 25.0, 30.0, 35.0]),
+    ("poisson;lengths=zipf:256:256", &[6.0, 8.0, 10.0, 12.0]),
     ("poisson;lengths=sharegpt", &[15.0, 20.0, 25.0, 30.0]),
     ("azure", &[6.0, 8.0, 10.0, 12.0]),
 ];

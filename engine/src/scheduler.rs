@@ -1191,7 +1191,10 @@ impl Scheduler {
         let (mut high, mut headroom) = (0u32, 0u32);
         for s in self.seqs.values() {
             high += u32::from(s.priority > 0);
-            headroom = headroom.saturating_add(s.headroom_blocks);
+            // The room an instance keeps for its high-priority requests is
+            // shared (Llumnix reserves one headroom per instance holding
+            // them, not one per request): the largest asked for.
+            headroom = headroom.max(s.headroom_blocks);
         }
         InstanceLoad {
             instance,
@@ -2198,7 +2201,8 @@ mod tests {
             head_of_line_demand_blocks: 1,
             waiting_demand_blocks: 1 + 3,
             high_priority_requests: 2,
-            headroom_blocks: 7,
+            // The largest of 5 and 2: one shared headroom.
+            headroom_blocks: 5,
             migrating_out: 2,
             migrating_in: 1,
             step_latency_us: 56,
