@@ -213,24 +213,8 @@ pub fn join_instance(
     name: &str,
     env: &[(&str, &str)],
 ) -> (Child, u32) {
-    let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).unwrap();
-    let mut child = Command::new(llumen())
-        .args(["instance", "--model", "tiny", "--blocks", "256", "--join"])
-        .arg(server.quic().to_string())
-        .arg("--data-dir")
-        .arg(&server.data_dir)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("starting llumen instance");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("llumen instance: {e}: {line:?}"));
-    (child, v["instance"].as_u64().unwrap() as u32)
+    let (child, id, _) = join_instance_with(server, log_dir, name, env, 256);
+    (child, id)
 }
 
 /// Waits until `n` instances have reported a load to the manager.
