@@ -313,6 +313,10 @@ pub fn run(args: &Args) -> Result<()> {
     }
     for (experiment, results) in &by_experiment {
         let dir = args.out.join(experiment);
+        // This run's files only (a previous sweep's rates would linger).
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
         eprintln!("\n== {experiment} ==");
         report::print_table(results);
         report::write_all(&dir, results).with_context(|| format!("writing {}", dir.display()))?;
