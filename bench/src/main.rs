@@ -59,6 +59,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    llumen_host::model::pin_cpu_threads();
     match Cli::parse().command {
         Command::PolicyOverhead(args) => policy_overhead::run(&args),
         Command::Dispatch(args) => dispatch::run(&args),

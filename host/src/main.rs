@@ -306,13 +306,7 @@ enum PolicyCommand {
 }
 
 fn main() -> Result<()> {
-    // candle's CPU matmul asks for its thread count on every call and,
-    // without RAYON_NUM_THREADS, re-reads /proc/cpuinfo each time (about a
-    // quarter of a busy engine thread). Set it once, before any thread.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    llumen_host::model::pin_cpu_threads();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

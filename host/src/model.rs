@@ -16,6 +16,17 @@ use llumen_engine::{models, SchedulerConfig, StreamDecoder, Tokenizer};
 
 use crate::api::{ChatTurn, ErrorCode, PromptInput, ServeError};
 
+/// Fixes the CPU thread count candle's matmul uses (`RAYON_NUM_THREADS`,
+/// unless already set) to the machine's parallelism. Without it candle 0.11
+/// re-reads /proc/cpuinfo on every matmul (about a quarter of a busy engine
+/// thread). Call once at the start of `main`, before any thread exists.
+pub fn pin_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 /// Seed of the test model's random weights (every process builds the same
 /// model, so a joined instance and an in-process one agree token for token).
 pub const TINY_SEED: u64 = 0x11u64;

@@ -178,13 +178,21 @@ impl Policy for Llumnix {
     /// The last-come normal-priority request that has produced output.
     fn choose_migrations(
         &mut self,
-        _fleet: &Fleet,
-        _pair: MigrationPair,
+        fleet: &Fleet,
+        pair: MigrationPair,
         candidates: &[MigrationCandidate],
     ) -> Vec<RequestId> {
+        // Only a request the destination has room for (its free blocks
+        // above the watermark, one block of growth to spare): a move the
+        // destination must refuse costs a round trip and blocks the pair
+        // for the period.
+        let room = fleet
+            .get(pair.destination)
+            .map_or(i64::MAX, |d| d.available_blocks());
         candidates
             .iter()
             .filter(|c| c.priority == 0 && c.output_tokens > 0)
+            .filter(|c| i64::from(c.blocks) < room)
             .max_by_key(|c| (c.arrival_us, c.id))
             .map(|c| vec![c.id])
             .unwrap_or_default()
@@ -436,6 +444,17 @@ mod tests {
             Llumnix::default().choose_migrations(&Fleet::new(), pair, &cands),
             [2]
         );
+        // A destination with 20 free blocks above its watermark takes a
+        // 10-block request, not a 30-block one: the last-come that fits.
+        let sized = |id, blocks, arrival_us| MigrationCandidate {
+            blocks,
+            ..c(id, 0, 5, arrival_us)
+        };
+        let cands = [sized(1, 10, 10), sized(2, 30, 30)];
+        let f = fleet(&[load(1, 79, 1, 0)]); // 100 − 79 − 1 = 20 available
+        assert_eq!(Llumnix::default().choose_migrations(&f, pair, &cands), [1]);
+        let f = fleet(&[load(1, 95, 1, 0)]);
+        assert!(Llumnix::default().choose_migrations(&f, pair, &cands).is_empty());
     }
 
     #[test]
