@@ -31,7 +31,11 @@ use crate::workload::WorkloadSpec;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Experiments to run: serving, priority, scaling.
-    #[arg(long, value_delimiter = ',', default_value = "serving,priority,scaling")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "serving,priority,scaling"
+    )]
     experiments: Vec<String>,
     /// Requests per point (the paper: 10,000).
     #[arg(long, default_value_t = 10_000)]
@@ -40,7 +44,11 @@ pub struct Args {
     #[arg(long, default_value_t = 16)]
     instances: u32,
     /// Policies of the serving experiment.
-    #[arg(long, value_delimiter = ',', default_value = "llumnix,infaas,round-robin")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "llumnix,infaas,round-robin"
+    )]
     policies: Vec<String>,
     /// Serving workloads with their rates, `SPEC@R1:R2:…` (repeatable);
     /// default: the paper's four (fixed 128/128, Zipf 256/256, ShareGPT,
@@ -122,7 +130,12 @@ fn points(args: &Args) -> Result<Vec<Point>> {
                 let workloads: Vec<(WorkloadSpec, Vec<f64>)> = if args.workload.is_empty() {
                     SERVING
                         .iter()
-                        .map(|(s, r)| Ok((WorkloadSpec::parse(s).map_err(|e| anyhow!("{e}"))?, r.to_vec())))
+                        .map(|(s, r)| {
+                            Ok((
+                                WorkloadSpec::parse(s).map_err(|e| anyhow!("{e}"))?,
+                                r.to_vec(),
+                            ))
+                        })
                         .collect::<Result<_>>()?
                 } else {
                     args.workload
@@ -306,7 +319,10 @@ pub fn run(args: &Args) -> Result<()> {
         }
         simulated += stats.simulated_seconds;
         sim_wall += stats.wall_seconds + stats.setup_seconds;
-        match by_experiment.iter_mut().find(|(e, _)| *e == point.experiment) {
+        match by_experiment
+            .iter_mut()
+            .find(|(e, _)| *e == point.experiment)
+        {
             Some((_, v)) => v.push(result),
             None => by_experiment.push((point.experiment, vec![result])),
         }
@@ -321,7 +337,10 @@ pub fn run(args: &Args) -> Result<()> {
         report::print_table(results);
         report::write_all(&dir, results).with_context(|| format!("writing {}", dir.display()))?;
         report::write_claims(results, &dir.join("llumnix.claim"))?;
-        eprintln!("{experiment}: results, plots and llumnix.claim in {}", dir.display());
+        eprintln!(
+            "{experiment}: results, plots and llumnix.claim in {}",
+            dir.display()
+        );
     }
     eprintln!(
         "\ncompare: {} simulations, {:.0} simulated seconds in {:.1} s wall ({:.0}x real time over the whole study; {:.0}x per simulation thread)",

@@ -17,6 +17,12 @@
 //! the end-of-sequence token so that it carries exactly its output length.
 //! Lengths are clamped to `--max-prompt` / `--max-output` (the test model's
 //! context is small) and the clamping is reported.
+//!
+//! On 2 cores a live comparison is noisy and order-dependent (the policy
+//! that ran first was slower in back-to-back runs), so every server gets
+//! `--warmup` short requests before the measured workload, and
+//! `--repeats N` runs the policies N times in alternating order (forward,
+//! reversed, …), each policy's records pooled over its runs.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -56,26 +62,41 @@ pub struct Args {
     #[arg(long, default_value = "tiny")]
     model: String,
     /// KV blocks per instance of the spawned server (small = memory
-    /// pressure, where load balancing shows).
-    #[arg(long, default_value_t = 160)]
+    /// pressure, where load balancing shows: 32 blocks hold 512 tokens).
+    #[arg(long, default_value_t = 32)]
     blocks: u32,
     /// More `llumen serve` flags, space-separated.
     #[arg(long, default_value = "")]
     serve_args: String,
     /// The workload (grammar: bench/src/workload.rs, e.g.
-    /// `gamma:cv=4:rate=40;prompt=exp:256;output=exp:64`).
-    #[arg(long, default_value = "gamma:cv=4:rate=40;prompt=exp:256;output=exp:64")]
+    /// `gamma:cv=4:rate=30;prompt=exp:64;output=exp:256`: bursty arrivals
+    /// of long-lived requests, so that memory, not the shared CPU, is what
+    /// an instance runs out of).
+    #[arg(
+        long,
+        default_value = "gamma:cv=4:rate=30;prompt=exp:64;output=exp:256"
+    )]
     workload: String,
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 500)]
     requests: usize,
+    /// Runs per policy, in alternating order (forward, reversed, ...); a
+    /// policy's figures pool the records of all its runs.
+    #[arg(long, default_value_t = 2)]
+    repeats: u32,
+    /// Short requests (16 prompt tokens, 8 output) sent to each server and
+    /// awaited before the measured workload starts (not recorded).
+    #[arg(long, default_value_t = 16)]
+    warmup: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Fraction of high-priority requests (sent with priority 1).
     #[arg(long, default_value_t = 0.0)]
     high_priority: f64,
-    #[arg(long, default_value_t = 1024)]
+    /// Longest prompt sent (longer ones are clamped; prompt + output must fit
+    /// one instance's blocks).
+    #[arg(long, default_value_t = 192)]
     max_prompt: u32,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 300)]
     max_output: u32,
     /// Use the OpenAI HTTP API (`/v1/completions`, streaming) instead of QUIC.
     #[arg(long)]
@@ -109,44 +130,71 @@ pub fn run(args: &Args) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut results = Vec::new();
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
     let targets: Vec<Option<String>> = if args.server.is_some() {
         vec![None]
     } else {
         args.policies.iter().cloned().map(Some).collect()
     };
-    for policy in targets {
+    // Per target: its records and fleet figures, pooled over the repeats.
+    let mut pooled: Vec<(Vec<RequestRecord>, FleetRecord)> =
+        vec![(Vec::new(), FleetRecord::default()); targets.len()];
+    for repeat in 0..args.repeats {
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if repeat % 2 == 1 {
+            order.reverse();
+        }
+        for &t in &order {
+            let policy = &targets[t];
+            let label = policy.clone().unwrap_or_else(|| "server".into());
+            eprintln!(
+                "live: {} requests of {} against {} (run {} of {}) ...",
+                workload.len(),
+                spec.name(),
+                label,
+                repeat + 1,
+                args.repeats
+            );
+            let drive_args = DriveArgs {
+                workload: &workload,
+                use_http: args.http,
+                instances: args.instances,
+                warmup: args.warmup,
+            };
+            let (records, fleet) = match policy {
+                None => {
+                    let addr = args.server.expect("checked");
+                    let dir = args
+                        .data_dir
+                        .clone()
+                        .unwrap_or_else(llumen_host::client::default_data_dir);
+                    rt.block_on(drive(addr, &dir, None, &drive_args))?
+                }
+                Some(p) => {
+                    let server = Spawned::start(args, p)?;
+                    let out = rt.block_on(drive(
+                        server.quic,
+                        server.dir.path(),
+                        Some(server.http),
+                        &drive_args,
+                    ));
+                    drop(server);
+                    out?
+                }
+            };
+            let (all, total) = &mut pooled[t];
+            all.extend(records);
+            total.instance_seconds += fleet.instance_seconds;
+            total.run_seconds += fleet.run_seconds;
+            total.wall_seconds += fleet.wall_seconds;
+        }
+    }
+    let mut results = Vec::new();
+    for (policy, (records, fleet)) in targets.iter().zip(&pooled) {
         let label = policy.clone().unwrap_or_else(|| "server".into());
-        eprintln!(
-            "live: {} requests of {} against {} ...",
-            workload.len(),
-            spec.name(),
-            label
-        );
-        let (records, fleet) = match &policy {
-            None => {
-                let addr = args.server.expect("checked");
-                let dir = args
-                    .data_dir
-                    .clone()
-                    .unwrap_or_else(llumen_host::client::default_data_dir);
-                let http = None;
-                rt.block_on(drive(addr, &dir, http, &workload, args.http, args.instances))?
-            }
-            Some(p) => {
-                let server = Spawned::start(args, p)?;
-                let out = rt.block_on(drive(
-                    server.quic,
-                    server.dir.path(),
-                    Some(server.http),
-                    &workload,
-                    args.http,
-                    args.instances,
-                ));
-                drop(server);
-                out?
-            }
-        };
+        let (records, fleet) = (records.as_slice(), fleet);
         let result = report::RunResult::new(
             report::RunMeta {
                 policy: label,
@@ -157,10 +205,10 @@ pub fn run(args: &Args) -> Result<()> {
                 seed: args.seed,
                 instances: args.instances,
             },
-            &records,
-            &fleet,
+            records,
+            fleet,
         )
-        .with_requests(&records);
+        .with_requests(records);
         results.push(result);
     }
     report::print_table(&results);
@@ -176,7 +224,10 @@ pub fn run(args: &Args) -> Result<()> {
 fn clamp(workload: &mut [RequestSpec], max_prompt: u32, max_output: u32) -> usize {
     let mut n = 0;
     for r in workload.iter_mut() {
-        let (p, o) = (r.prompt_tokens.clamp(1, max_prompt), r.output_tokens.clamp(1, max_output));
+        let (p, o) = (
+            r.prompt_tokens.clamp(1, max_prompt),
+            r.output_tokens.clamp(1, max_output),
+        );
         if (p, o) != (r.prompt_tokens, r.output_tokens) {
             n += 1;
         }
@@ -238,8 +289,7 @@ impl Spawned {
             Ok(v) => v,
             Err(_) => {
                 let _ = child.kill();
-                let log =
-                    std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
                 bail!("llumen serve did not start: {line:?}\n{log}");
             }
         };
@@ -265,15 +315,56 @@ impl Drop for Spawned {
     }
 }
 
-/// Sends every request at its arrival time and waits for all of them.
+/// What one run sends.
+struct DriveArgs<'a> {
+    workload: &'a [RequestSpec],
+    use_http: bool,
+    instances: u32,
+    /// Short requests sent and awaited first (not recorded).
+    warmup: usize,
+}
+
+/// Sends `warmup` short requests at once and waits for them: the server's
+/// first steps (allocations, caches) and this client's connections are warm
+/// before the clock starts. A failed warm-up request fails the run.
+async fn warm_up(clients: &[Arc<Client>], warmup: usize) -> Result<()> {
+    let mut tasks = Vec::with_capacity(warmup);
+    for i in 0..warmup {
+        let client = clients[i % clients.len()].clone();
+        let spec = RequestSpec {
+            id: u64::MAX - i as u64,
+            arrival_us: 0,
+            prompt_tokens: 16,
+            output_tokens: 8,
+            high_priority: false,
+        };
+        tasks.push(tokio::spawn(async move {
+            one_quic(&client, spec, Instant::now()).await
+        }));
+    }
+    for t in tasks {
+        let rec = t.await?;
+        if let Some(e) = rec.error {
+            bail!("warm-up request failed: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Warms the server up, then sends every request at its arrival time and
+/// waits for all of them.
 async fn drive(
     quic: SocketAddr,
     data_dir: &Path,
     http: Option<SocketAddr>,
-    workload: &[RequestSpec],
-    use_http: bool,
-    instances: u32,
+    run: &DriveArgs<'_>,
 ) -> Result<(Vec<RequestRecord>, FleetRecord)> {
+    let DriveArgs {
+        workload,
+        use_http,
+        instances,
+        warmup,
+    } = *run;
     let trust = trust_from(data_dir, None, None);
     // A few connections, requests spread over them (one connection's
     // streams share one congestion controller and one task).
@@ -290,6 +381,7 @@ async fn drive(
     } else {
         None
     };
+    warm_up(&clients, warmup).await?;
     let started = Instant::now();
     let wall = Instant::now();
     let mut tasks = Vec::with_capacity(workload.len());

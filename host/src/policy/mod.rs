@@ -740,7 +740,9 @@ impl PolicyRuntime {
             let Some(load) = table.fleet.get(instance).copied() else {
                 return;
             };
-            table.fleet.upsert([load.with_dispatched(request.prompt_tokens)]);
+            table
+                .fleet
+                .upsert([load.with_dispatched(request.prompt_tokens)]);
             table.changed(instance);
         }
         if self.engine.config().eager_sync {

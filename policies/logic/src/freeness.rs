@@ -26,6 +26,22 @@ impl Freeness {
         }
     }
 
+    /// Free blocks shared by `requests`: `free / requests` while `free` is
+    /// not negative, `free × requests` (at least `free`) once it is. Llumnix's
+    /// artifact divides in both cases, so that past saturation the instance
+    /// with the largest queue looks the freest (−40 blocks over 10 requests
+    /// ranks above −8 over 1) and every arrival herds onto it; multiplying
+    /// keeps the order falling with more requests on both sides of zero.
+    /// No request and no deficit is `PosInf`, as in [`Freeness::ratio`].
+    pub fn per_request(free: i64, requests: u64) -> Self {
+        if free >= 0 {
+            Freeness::ratio(free, requests)
+        } else {
+            let n = i64::try_from(requests.max(1)).unwrap_or(i64::MAX);
+            Freeness::ratio(free.saturating_mul(n), 1)
+        }
+    }
+
     /// True when strictly below the integer threshold `t`.
     pub fn below(self, t: i64) -> bool {
         self < Freeness::ratio(t, 1)
@@ -96,6 +112,13 @@ mod tests {
         assert!(Freeness::NegInf < Freeness::ratio(i64::MIN, 1));
         assert!(Freeness::ratio(i64::MAX, 1) < Freeness::ratio(3, 0));
         assert!(Freeness::ratio(5, 2).below(3) && Freeness::ratio(7, 2).above(3));
+        // Per request: more requests is less free on both sides of zero.
+        let f = Freeness::per_request;
+        assert!(f(40, 10) < f(8, 1) && f(-40, 10) < f(-8, 1));
+        assert!(f(-1, 100) < f(0, 100) && f(0, 100) < f(1, 100));
+        assert_eq!(f(-5, 0), Freeness::ratio(-5, 1));
+        assert_eq!(f(0, 0), Freeness::PosInf);
+        assert_eq!(f(i64::MIN / 2, 4), Freeness::ratio(i64::MIN, 1));
         // Beyond 64-bit cross products: the 128-bit path decides.
         assert!(Freeness::ratio(i64::MAX, u64::MAX) < Freeness::ratio(i64::MAX - 1, u64::MAX / 2));
         assert!(Freeness::ratio(i64::MIN, 3) < Freeness::ratio(i64::MIN + 1, 3));

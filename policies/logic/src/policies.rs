@@ -26,8 +26,9 @@ fn info(name: &str) -> PolicyInfo {
     }
 }
 
-/// Dispatch and scaling freeness: (available − Σ waiting demand − headroom)
-/// / (running + waiting); a draining instance has infinite usage.
+/// Dispatch freeness: (available − Σ waiting demand − headroom) per request
+/// (running + waiting; a deficit multiplies, see [`Freeness::per_request`]);
+/// a draining instance has infinite usage.
 pub fn dispatch_freeness(load: &InstanceLoad) -> Freeness {
     if load.draining {
         return Freeness::NegInf;
@@ -35,12 +36,12 @@ pub fn dispatch_freeness(load: &InstanceLoad) -> Freeness {
     let virtual_free = load.available_blocks()
         - i64::from(load.waiting_demand_blocks)
         - i64::from(load.headroom_blocks);
-    Freeness::ratio(virtual_free, u64::from(load.requests()))
+    Freeness::per_request(virtual_free, u64::from(load.requests()))
 }
 
 /// Migration freeness with de-fragmentation: (available − head-of-line demand
-/// − headroom) / (running + [waiting > 0]); +∞ with nothing running (nothing
-/// to move), −∞ while draining.
+/// − headroom) per (running + [waiting > 0]) ([`Freeness::per_request`]); +∞
+/// with nothing running (nothing to move), −∞ while draining.
 pub fn migration_freeness(load: &InstanceLoad) -> Freeness {
     if load.draining {
         return Freeness::NegInf;
@@ -51,7 +52,7 @@ pub fn migration_freeness(load: &InstanceLoad) -> Freeness {
     let virtual_free = load.available_blocks()
         - i64::from(load.head_of_line_demand_blocks)
         - i64::from(load.headroom_blocks);
-    Freeness::ratio(
+    Freeness::per_request(
         virtual_free,
         u64::from(load.running) + u64::from(load.waiting > 0),
     )
@@ -454,7 +455,9 @@ mod tests {
         let f = fleet(&[load(1, 79, 1, 0)]); // 100 − 79 − 1 = 20 available
         assert_eq!(Llumnix::default().choose_migrations(&f, pair, &cands), [1]);
         let f = fleet(&[load(1, 95, 1, 0)]);
-        assert!(Llumnix::default().choose_migrations(&f, pair, &cands).is_empty());
+        assert!(Llumnix::default()
+            .choose_migrations(&f, pair, &cands)
+            .is_empty());
     }
 
     #[test]
