@@ -844,15 +844,7 @@ async fn seeded_fault_campaign_loses_no_request() {
                     let in_flight = store.in_flight().unwrap();
                     let mut by_spec = BTreeSet::new();
                     for &id in &in_flight {
-                        let max_tokens = store
-                            .journal_events(id)
-                            .unwrap()
-                            .into_iter()
-                            .find_map(|e| match e {
-                                JournalEvent::Accepted { max_tokens, .. } => Some(max_tokens),
-                                _ => None,
-                            })
-                            .unwrap();
+                        let max_tokens = common::accepted_max_tokens(&store, id).unwrap();
                         let spec = specs
                             .iter()
                             .position(|s| s.max_tokens == max_tokens)

@@ -168,12 +168,6 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn component(name: &str) -> Vec<u8> {
-    let path = common::policy_dir().join(format!("{name}.wasm"));
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-policies.sh", path.display()))
-}
-
 /// What a hostile component does live, per kind.
 enum Expect {
     /// Repeated failures demote it.
@@ -212,7 +206,7 @@ async fn hostile_policies_installed_live_are_contained_and_serving_continues() {
         client: client.clone(),
         token,
     };
-    let llumnix = component("llumnix");
+    let llumnix = common::component_bytes("llumnix");
     let llumnix_sha = live.status().await;
     let llumnix_sha = active_sha(&llumnix_sha, "dispatch");
 
@@ -306,7 +300,7 @@ async fn hostile_policies_installed_live_are_contained_and_serving_continues() {
     let mut report = Vec::new();
     let mut phases = Vec::new();
     for (name, kinds, expect) in plan {
-        let bytes = component(name);
+        let bytes = common::component_bytes(name);
         let phase_start = live.status().await;
         for kind in &kinds {
             let reply = live.swap_ok(kind, &bytes).await;
@@ -414,7 +408,7 @@ async fn hostile_policies_installed_live_are_contained_and_serving_continues() {
 
     // Back-off live: a wrong-ids dispatch policy is demoted, retried on
     // probation after 1 s, fails again and waits twice as long.
-    let bytes = component("hostile-wrong-ids");
+    let bytes = common::component_bytes("hostile-wrong-ids");
     let before = live.status().await;
     live.swap_ok("dispatch", &bytes).await;
     let status = live
@@ -452,7 +446,7 @@ async fn hostile_policies_installed_live_are_contained_and_serving_continues() {
     );
 
     // A component that fails its trial is refused, clearly; nothing changes.
-    let blatant = component("hostile-blatant");
+    let blatant = common::component_bytes("hostile-blatant");
     for kind in all {
         let err = live.swap(kind, &blatant).await.unwrap_err();
         assert!(

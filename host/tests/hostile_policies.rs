@@ -12,7 +12,8 @@
 //! a [`ManualClock`], and the only wall-clock assertions are generous
 //! containment bounds.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,24 +27,8 @@ use llumen_policy_logic::{
 
 // ---------------------------------------------------------------- helpers
 
-fn policy_dir() -> PathBuf {
-    std::env::var_os("LLUMEN_POLICY_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/policies"))
-}
-
-fn component_bytes(name: &str) -> Vec<u8> {
-    let path = policy_dir().join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; build the policy components first with scripts/build-policies.sh",
-            path.display()
-        )
-    })
-}
-
 fn compiled(rt: &PolicyRuntime, name: &str) -> Arc<CompiledPolicy> {
-    rt.compile(&component_bytes(name))
+    rt.compile(&common::component_bytes(name))
         .unwrap_or_else(|e| panic!("compiling {name}: {e}"))
 }
 
@@ -489,7 +474,9 @@ fn a_policy_failing_its_trial_is_refused_and_nothing_changes() {
 #[test]
 fn policies_importing_wasi_are_refused() {
     let rt = PolicyRuntime::new(RuntimeConfig::default(), "llumnix").unwrap();
-    let err = rt.compile(&component_bytes("wasi-reader")).unwrap_err();
+    let err = rt
+        .compile(&common::component_bytes("wasi-reader"))
+        .unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, PolicyError::Sandbox { .. }), "{message}");
     for part in [

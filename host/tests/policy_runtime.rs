@@ -7,7 +7,8 @@
 //! Deterministic: every random input comes from a seeded generator; nothing
 //! asserts on wall-clock time except generous containment bounds.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,22 +24,6 @@ use llumen_policy_logic::{
 use llumen_store::Store;
 
 // ---------------------------------------------------------------- helpers
-
-fn policy_dir() -> PathBuf {
-    std::env::var_os("LLUMEN_POLICY_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/policies"))
-}
-
-fn component_bytes(name: &str) -> Vec<u8> {
-    let path = policy_dir().join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; build the policy components first with scripts/build-policies.sh",
-            path.display()
-        )
-    })
-}
 
 /// A runtime whose deadline no honest call can miss, even on a machine
 /// loaded by parallel builds and tests: these tests are about answers, not
@@ -62,7 +47,7 @@ fn patient_runtime() -> PolicyRuntime {
 }
 
 fn compiled(rt: &PolicyRuntime, name: &str) -> Arc<CompiledPolicy> {
-    rt.compile(&component_bytes(name))
+    rt.compile(&common::component_bytes(name))
         .unwrap_or_else(|e| panic!("compiling {name}: {e}"))
 }
 
@@ -298,7 +283,7 @@ fn queue_length_component_matches_native() {
 fn core_module_and_packed_component_are_the_same_policy() {
     let rt = runtime();
     let core = std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../policies/target/wasm32-unknown-unknown/release/llumnix.wasm"),
     )
     .expect("core module built by scripts/build-policies.sh");

@@ -42,7 +42,7 @@ fn sha_of(name: &str) -> String {
 }
 
 async fn swap(client: &Client, token: &str, kind: &str, policy: &str) -> serde_json::Value {
-    let bytes = std::fs::read(common::policy_dir().join(format!("{policy}.wasm"))).unwrap();
+    let bytes = common::component_bytes(policy);
     client
         .admin(
             token,
@@ -238,14 +238,7 @@ async fn a_killed_manager_restarts_with_its_policies_snapshots_and_journal() {
         let in_flight = store.in_flight().unwrap();
         let mut max_tokens = BTreeMap::new();
         for &id in &in_flight {
-            let accepted = store
-                .journal_events(id)
-                .unwrap()
-                .into_iter()
-                .find_map(|e| match e {
-                    JournalEvent::Accepted { max_tokens, .. } => Some(max_tokens),
-                    _ => None,
-                });
+            let accepted = common::accepted_max_tokens(&store, id);
             max_tokens.insert(id, accepted.expect("in flight means accepted"));
         }
         // Finished requests: one Finished event each, durable.

@@ -15,15 +15,42 @@ pub fn llumen() -> &'static str {
     env!("CARGO_BIN_EXE_llumen")
 }
 
-/// The policy components built by scripts/build-policies.sh.
+/// The policy components built by scripts/build-policies.sh (or the
+/// directory `LLUMEN_POLICY_DIR` names).
 pub fn policy_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/policies");
+    let dir = std::env::var_os("LLUMEN_POLICY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/policies"));
     assert!(
         dir.join("llumnix.wasm").is_file(),
         "{} has no components: run scripts/build-policies.sh (scripts/test.sh does)",
         dir.display()
     );
     dir
+}
+
+/// The bytes of the component `<name>.wasm` in [`policy_dir`].
+pub fn component_bytes(name: &str) -> Vec<u8> {
+    let path = policy_dir().join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build the policy components first with scripts/build-policies.sh",
+            path.display()
+        )
+    })
+}
+
+/// The `max_tokens` a journaled request was accepted with (None: no
+/// `Accepted` event).
+pub fn accepted_max_tokens(store: &llumen_store::Store, request: u64) -> Option<u32> {
+    store
+        .journal_events(request)
+        .unwrap()
+        .into_iter()
+        .find_map(|e| match e {
+            llumen_store::JournalEvent::Accepted { max_tokens, .. } => Some(max_tokens),
+            _ => None,
+        })
 }
 
 /// A running `llumen serve`.
