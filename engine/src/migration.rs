@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! source                                        destination
-//!   start ── Reserve{id, seq, block_size, blocks_needed} ──▶ reserve blocks (watermark, slot)
+//!   start ── Reserve{id, seq, block_size, blocks_needed, prompt, output} ──▶ reserve blocks (watermark, slot)
 //!         ◀── Reserved{blocks} | Refused{reason} ───────────
 //!   stage k (request keeps decoding): the blocks that became full since
 //!   stage k−1, i.e. below kv_tokens / block_size
@@ -21,7 +21,7 @@
 //!   … until the rest is small (≤ last_stage_max_blocks) or after
 //!   max_precopy_stages pre-copy stages; then the last stage:
 //!   detach between two steps, export the rest
-//!         ── Commit{stage, sequence, first_block_index, num_blocks, data} ──▶ import, grow, attach
+//!         ── Commit{stage, sequence (outputs since Reserve), first_block_index, num_blocks, data} ──▶ import, grow, attach
 //!         ◀── Committed | Refused ──────────────────────────
 //!   forget the request  |  requeue it (recompute)
 //! ```
@@ -37,6 +37,10 @@
 //!   rest after [`crate::Scheduler::detach`]; its size is bounded by
 //!   `last_stage_max_blocks` plus what the request wrote during the previous
 //!   stage, independent of the sequence's length: that is the downtime.
+//!   The token history travels the same way: `Reserve` carries the prompt
+//!   and the outputs so far, the `Commit` only the outputs generated since
+//!   (a few per pre-copy stage), so the last message does not grow with the
+//!   context either.
 //! - The source frees its blocks at detach (their contents are exported in
 //!   the same call, before anything can reuse them) but keeps the detached
 //!   sequence until `Committed`; only then is the request forgotten there. If
@@ -101,7 +105,7 @@ use crate::{
 pub type MigrationId = u64;
 
 /// Version byte at the start of every encoded [`Message`].
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 // ---------------------------------------------------------------------------
 // Configuration
@@ -197,13 +201,18 @@ pub enum AbortReason {
 }
 
 /// The state of a migrated sequence as the `Commit` message carries it: a
-/// [`DetachedSequence`] without the source's block ids.
+/// [`DetachedSequence`] without the source's block ids, and of its tokens
+/// only the outputs generated since `Reserve` (which carried the prompt and
+/// the outputs before).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MigratedSequence {
     pub id: SeqId,
-    pub prompt: Vec<TokenId>,
-    /// Outputs so far (token indices continue from `output.len()`).
-    pub output: Vec<TokenId>,
+    /// Outputs `Reserve` carried: `new_output[0]` is output number
+    /// `output_from` (the destination checks it holds exactly that many).
+    pub output_from: u32,
+    /// Outputs generated since `Reserve` (token indices continue from
+    /// `output_from + new_output.len()`).
+    pub new_output: Vec<TokenId>,
     pub sampling: SamplingParams,
     pub priority: u8,
     pub headroom_blocks: u32,
@@ -216,11 +225,13 @@ pub struct MigratedSequence {
 }
 
 impl MigratedSequence {
-    pub fn from_detached(d: &DetachedSequence) -> Self {
-        MigratedSequence {
+    /// The sequence's state for a destination that already holds its prompt
+    /// and its first `output_from` outputs; `None` if it has fewer.
+    pub fn from_detached(d: &DetachedSequence, output_from: usize) -> Option<Self> {
+        Some(MigratedSequence {
             id: d.id,
-            prompt: d.prompt.clone(),
-            output: d.output.clone(),
+            output_from: u32::try_from(output_from).ok()?,
+            new_output: d.output.get(output_from..)?.to_vec(),
             sampling: d.sampling.clone(),
             priority: d.priority,
             headroom_blocks: d.headroom_blocks,
@@ -229,16 +240,18 @@ impl MigratedSequence {
             tokens_recomputed: d.tokens_recomputed,
             block_size: d.block_size,
             kv_tokens: d.kv_tokens,
-        }
+        })
     }
 
-    /// The detached sequence to attach at the destination (no block table:
-    /// the blocks are the destination's reservation).
-    pub fn to_detached(&self) -> DetachedSequence {
+    /// The detached sequence to attach at the destination, given the prompt
+    /// and the outputs `Reserve` carried (no block table: the blocks are the
+    /// destination's reservation).
+    pub fn to_detached(&self, prompt: Vec<TokenId>, mut output: Vec<TokenId>) -> DetachedSequence {
+        output.extend_from_slice(&self.new_output);
         DetachedSequence {
             id: self.id,
-            prompt: self.prompt.clone(),
-            output: self.output.clone(),
+            prompt,
+            output,
             sampling: self.sampling.clone(),
             priority: self.priority,
             headroom_blocks: self.headroom_blocks,
@@ -262,6 +275,10 @@ pub enum Message {
         seq: SeqId,
         block_size: u32,
         blocks_needed: u32,
+        /// The request's prompt, and its outputs so far: the token history
+        /// never changes, so it travels before the request stops.
+        prompt: Vec<TokenId>,
+        output: Vec<TokenId>,
     },
     Reserved {
         migration_id: MigrationId,
@@ -534,8 +551,8 @@ impl<'a> Reader<'a> {
 
 fn put_sequence(out: &mut Vec<u8>, s: &MigratedSequence) {
     put_u64(out, s.id);
-    put_tokens(out, &s.prompt);
-    put_tokens(out, &s.output);
+    put_u32(out, s.output_from);
+    put_tokens(out, &s.new_output);
     put_u32(out, s.sampling.temperature.to_bits());
     put_u32(out, s.sampling.top_p.to_bits());
     put_u64(out, s.sampling.seed);
@@ -552,8 +569,8 @@ fn put_sequence(out: &mut Vec<u8>, s: &MigratedSequence) {
 
 fn read_sequence(r: &mut Reader<'_>) -> Result<MigratedSequence, DecodeError> {
     let id = r.u64()?;
-    let prompt = r.tokens()?;
-    let output = r.tokens()?;
+    let output_from = r.u32()?;
+    let new_output = r.tokens()?;
     let temperature = f32::from_bits(r.u32()?);
     let top_p = f32::from_bits(r.u32()?);
     let seed = r.u64()?;
@@ -568,8 +585,8 @@ fn read_sequence(r: &mut Reader<'_>) -> Result<MigratedSequence, DecodeError> {
     let kv_tokens = r.usize("kv_tokens")?;
     Ok(MigratedSequence {
         id,
-        prompt,
-        output,
+        output_from,
+        new_output,
         sampling: SamplingParams {
             temperature,
             top_p,
@@ -590,7 +607,12 @@ fn read_sequence(r: &mut Reader<'_>) -> Result<MigratedSequence, DecodeError> {
 impl Message {
     /// The message's bytes (see the wire format above).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + self.kv_bytes());
+        let tokens = match self {
+            Message::Reserve { prompt, output, .. } => prompt.len() + output.len(),
+            Message::Commit { sequence, .. } => sequence.new_output.len(),
+            _ => 0,
+        };
+        let mut out = Vec::with_capacity(128 + self.kv_bytes() + 4 * tokens);
         self.encode_into(&mut out);
         out
     }
@@ -615,11 +637,15 @@ impl Message {
                 seq,
                 block_size,
                 blocks_needed,
+                prompt,
+                output,
                 ..
             } => {
                 put_u64(out, *seq);
                 put_u32(out, *block_size);
                 put_u32(out, *blocks_needed);
+                put_tokens(out, prompt);
+                put_tokens(out, output);
             }
             Message::Reserved { blocks, .. } => put_u32(out, *blocks),
             Message::Refused { reason, .. } => out.push(reason.code()),
@@ -678,6 +704,8 @@ impl Message {
                 seq: r.u64()?,
                 block_size: r.u32()?,
                 blocks_needed: r.u32()?,
+                prompt: r.tokens()?,
+                output: r.tokens()?,
             },
             tag::RESERVED => Message::Reserved {
                 migration_id,
@@ -906,6 +934,8 @@ pub struct SourceMigration {
     deadline: Option<u64>,
     /// The request's preemption count at start (a change aborts).
     preemptions: u32,
+    /// Outputs `Reserve` carried (the `Commit` carries the rest).
+    outputs_reserved: usize,
     block_size: usize,
     /// Source block ids of the blocks sent so far (blocks `0..sent.len()`).
     sent: Vec<BlockId>,
@@ -929,6 +959,7 @@ impl SourceMigration {
             started_us: 0,
             deadline: None,
             preemptions: 0,
+            outputs_reserved: 0,
             block_size: 0,
             sent: Vec::new(),
             acked: 0,
@@ -997,7 +1028,15 @@ impl SourceMigration {
                 self.seq,
             )));
         }
+        let (prompt, output) = engine
+            .scheduler()
+            .sequence_tokens(self.seq)
+            .map(|(p, o)| (p.to_vec(), o.to_vec()))
+            .ok_or(MigrationError::Scheduler(SchedulerError::UnknownSequence(
+                self.seq,
+            )))?;
         self.preemptions = info.preemptions;
+        self.outputs_reserved = output.len();
         self.block_size = engine.scheduler().config().block_size;
         self.started_us = now_us;
         self.state = SourceState::Reserving;
@@ -1008,6 +1047,8 @@ impl SourceMigration {
             seq: self.seq,
             block_size: sat_u32(self.block_size),
             blocks_needed: sat_u32(info.blocks + self.config.reserve_slack_blocks),
+            prompt,
+            output,
         }])
     }
 
@@ -1374,7 +1415,26 @@ impl SourceMigration {
             sent_us: now_us,
             acked_us: None,
         });
-        let sequence = Box::new(MigratedSequence::from_detached(&detached));
+        let Some(sequence) = MigratedSequence::from_detached(&detached, self.outputs_reserved)
+        else {
+            // Fewer outputs than at `Reserve`: impossible without a
+            // preemption, which `check_alive` catches; never send a history
+            // the destination would splice wrongly.
+            let requeued = engine.scheduler_mut().requeue(&detached, now_us).is_ok();
+            if !requeued {
+                self.detached = Some(detached);
+            }
+            self.finish(
+                engine,
+                MigrationResult::Aborted {
+                    reason: AbortReason::SourceError,
+                    requeued,
+                },
+                now_us,
+            );
+            return vec![self.abort_message(AbortReason::SourceError)];
+        };
+        let sequence = Box::new(sequence);
         self.detached = Some(detached);
         self.detached_us = Some(now_us);
         self.state = SourceState::Committing;
@@ -1456,6 +1516,9 @@ pub struct DestinationStats {
 #[derive(Clone, Debug)]
 struct Incoming {
     seq: SeqId,
+    /// The token history `Reserve` carried.
+    prompt: Vec<TokenId>,
+    output: Vec<TokenId>,
     reservation: ReservationId,
     /// Blocks in the reservation.
     reserved: usize,
@@ -1548,8 +1611,21 @@ impl DestinationMigration {
                 seq,
                 block_size,
                 blocks_needed,
+                prompt,
+                output,
             } => {
-                vec![self.on_reserve(engine, migration_id, seq, block_size, blocks_needed, now_us)]
+                vec![self.on_reserve(
+                    engine,
+                    migration_id,
+                    Reservation {
+                        seq,
+                        block_size,
+                        blocks_needed,
+                        prompt,
+                        output,
+                    },
+                    now_us,
+                )]
             }
             Message::Blocks {
                 migration_id,
@@ -1648,11 +1724,16 @@ impl DestinationMigration {
         &mut self,
         engine: &mut Engine<B>,
         migration_id: MigrationId,
-        seq: SeqId,
-        block_size: u32,
-        blocks_needed: u32,
+        ask: Reservation,
         now_us: u64,
     ) -> Message {
+        let Reservation {
+            seq,
+            block_size,
+            blocks_needed,
+            prompt,
+            output,
+        } = ask;
         let reason = if self.incoming.contains_key(&migration_id)
             || self.committed.contains_key(&migration_id)
         {
@@ -1667,6 +1748,8 @@ impl DestinationMigration {
             Some(RefuseReason::DuplicateSequence)
         } else if !engine.scheduler().can_accept_migration() {
             Some(RefuseReason::BatchFull)
+        } else if prompt.is_empty() {
+            Some(RefuseReason::ProtocolViolation)
         } else {
             None
         };
@@ -1683,6 +1766,8 @@ impl DestinationMigration {
             migration_id,
             Incoming {
                 seq,
+                prompt,
+                output,
                 reservation,
                 reserved: blocks,
                 next_block: 0,
@@ -1776,7 +1861,7 @@ impl DestinationMigration {
             return self.refused(migration_id, RefuseReason::UnknownMigration);
         };
         let bs = engine.scheduler().config().block_size;
-        if sequence.id != inc.seq {
+        if sequence.id != inc.seq || sequence.output_from as usize != inc.output.len() {
             return self.refuse(engine, migration_id, RefuseReason::ProtocolViolation);
         }
         if sequence.block_size != bs {
@@ -1788,8 +1873,16 @@ impl DestinationMigration {
         if let Err(reason) = self.import(engine, migration_id, &stage, now_us) {
             return self.refuse(engine, migration_id, reason);
         }
-        let inc = &self.incoming[&migration_id];
-        let detached = sequence.to_detached();
+        let inc = self
+            .incoming
+            .get_mut(&migration_id)
+            .expect("import checked it");
+        // The history is only needed once: take it (a failed commit
+        // releases the migration anyway).
+        let detached = sequence.to_detached(
+            std::mem::take(&mut inc.prompt),
+            std::mem::take(&mut inc.output),
+        );
         if engine
             .commit_migration(&detached, inc.reservation, now_us)
             .is_err()
@@ -1837,6 +1930,15 @@ impl DestinationMigration {
     }
 }
 
+/// What a `Reserve` asks for.
+struct Reservation {
+    seq: SeqId,
+    block_size: u32,
+    blocks_needed: u32,
+    prompt: Vec<TokenId>,
+    output: Vec<TokenId>,
+}
+
 /// One stage's KV as a destination receives it.
 struct Stage<'a> {
     stage: u32,
@@ -1853,8 +1955,8 @@ mod tests {
     fn sample_sequence() -> MigratedSequence {
         MigratedSequence {
             id: 42,
-            prompt: vec![1, 2, 3, 4000],
-            output: vec![7, 8],
+            output_from: 3,
+            new_output: vec![7, 8],
             sampling: SamplingParams {
                 temperature: 0.7,
                 top_p: 0.9,
@@ -1879,6 +1981,8 @@ mod tests {
                 seq: 42,
                 block_size: 16,
                 blocks_needed: 9,
+                prompt: vec![1, 2, 3],
+                output: vec![4000],
             },
             Message::Reserved {
                 migration_id: 1,
@@ -1948,12 +2052,15 @@ mod tests {
             let mut longer = bytes.clone();
             longer.push(0);
             assert_eq!(Message::decode(&longer), Err(DecodeError::TrailingBytes(1)));
-            let mut v2 = bytes.clone();
-            v2[0] = 2;
-            assert_eq!(
-                Message::decode(&v2),
-                Err(DecodeError::UnsupportedVersion(2))
-            );
+            // An older or newer version (1: the prompt rode in `Commit`).
+            for other in [WIRE_VERSION - 1, WIRE_VERSION + 1] {
+                let mut v = bytes.clone();
+                v[0] = other;
+                assert_eq!(
+                    Message::decode(&v),
+                    Err(DecodeError::UnsupportedVersion(other))
+                );
+            }
             let mut bad_tag = bytes;
             bad_tag[1] = 200;
             assert_eq!(
@@ -1999,21 +2106,21 @@ mod tests {
 
     fn arb_sequence() -> impl Strategy<Value = MigratedSequence> {
         (
-            (any::<u64>(), arb_tokens(), arb_tokens(), arb_tokens()),
+            (any::<u64>(), any::<u32>(), arb_tokens(), arb_tokens()),
             (-1.0e3f32..1.0e3, 0.0f32..1.0, any::<u64>(), any::<u32>()),
             (any::<u8>(), any::<u32>(), any::<u64>(), any::<u32>()),
             (any::<u64>(), 0usize..1 << 20, 0usize..1 << 40),
         )
             .prop_map(
                 |(
-                    (id, prompt, output, stop),
+                    (id, output_from, new_output, stop),
                     (temperature, top_p, seed, max_tokens),
                     (priority, headroom_blocks, arrival_us, preemptions),
                     (tokens_recomputed, block_size, kv_tokens),
                 )| MigratedSequence {
                     id,
-                    prompt,
-                    output,
+                    output_from,
+                    new_output,
                     sampling: SamplingParams {
                         temperature,
                         top_p,
@@ -2035,14 +2142,18 @@ mod tests {
     fn arb_message() -> impl Strategy<Value = Message> {
         let data = proptest::collection::vec(any::<u8>(), 0..64);
         prop_oneof![
-            (any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(m, s, b, n)| {
-                Message::Reserve {
+            (
+                (any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>()),
+                (arb_tokens(), arb_tokens())
+            )
+                .prop_map(|((m, s, b, n), (prompt, output))| Message::Reserve {
                     migration_id: m,
                     seq: s,
                     block_size: b,
                     blocks_needed: n,
-                }
-            }),
+                    prompt,
+                    output,
+                }),
             (any::<u64>(), any::<u32>()).prop_map(|(m, b)| Message::Reserved {
                 migration_id: m,
                 blocks: b

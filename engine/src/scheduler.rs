@@ -1283,6 +1283,12 @@ impl Scheduler {
     pub fn output(&self, seq: SeqId) -> Option<&[TokenId]> {
         self.seqs.get(&seq).map(|s| s.output.as_slice())
     }
+    /// A sequence's prompt and its outputs so far.
+    pub fn sequence_tokens(&self, seq: SeqId) -> Option<(&[TokenId], &[TokenId])> {
+        self.seqs
+            .get(&seq)
+            .map(|s| (s.prompt.as_slice(), s.output.as_slice()))
+    }
     pub fn sequence(&self, seq: SeqId) -> Option<SequenceInfo> {
         let s = self.seqs.get(&seq)?;
         Some(SequenceInfo {

@@ -14,9 +14,9 @@ use common::{engine, normal_request as request, BLOCK};
 use llumen_engine::candle::CandleBackend;
 use llumen_engine::migration::Message;
 use llumen_engine::{
-    AbortReason, DestinationEvent, DestinationMigration, Engine, FinishReason, MigrationConfig,
-    MigrationResult, ModelBackend, RefuseReason, ReleaseReason, SeqEvent, SeqId, SourceMigration,
-    SourceState, TokenId,
+    AbortReason, DestinationEvent, DestinationMigration, Engine, FinishReason, MigratedSequence,
+    MigrationConfig, MigrationResult, ModelBackend, RefuseReason, ReleaseReason, SamplingParams,
+    SeqEvent, SeqId, SourceMigration, SourceState, TokenId,
 };
 
 const TARGET: SeqId = 1;
@@ -116,6 +116,9 @@ struct World {
     dest_events: Vec<DestinationEvent>,
     /// Messages sent, by kind, in order (source's and destination's).
     sent: Vec<(Side, &'static str)>,
+    /// Every `Commit` sent: its encoded bytes besides the KV, and the
+    /// outputs it carries.
+    commits: Vec<(usize, usize)>,
 }
 
 impl World {
@@ -137,6 +140,7 @@ impl World {
             stream: Stream::default(),
             dest_events: Vec::new(),
             sent: Vec::new(),
+            commits: Vec::new(),
         }
     }
 
@@ -150,6 +154,10 @@ impl World {
             self.sent.push((from, m.kind()));
             let bytes = m.encode();
             assert_eq!(Message::decode(&bytes).as_ref(), Ok(&m));
+            if let Message::Commit { sequence, .. } = &m {
+                self.commits
+                    .push((bytes.len() - m.kv_bytes(), sequence.new_output.len()));
+            }
             let latency = self.latency(&m);
             let (queue, dropped) = match from {
                 Side::Source => (&mut self.to_dst, self.cut_to_dst || self.source_dead),
@@ -359,7 +367,11 @@ fn multi_stage_migration_gives_the_same_greedy_output() {
 /// Downtime is the last stage, whose size does not grow with the sequence.
 #[test]
 fn the_last_stage_does_not_grow_with_the_sequence() {
-    let run = |prompt_len: usize, config: MigrationConfig| {
+    // Also: the `Commit`'s bytes besides the KV, less 4 per output it
+    // carries (the outputs since `Reserve`): the same for every length,
+    // the prompt went with `Reserve`.
+    let mut commit_fixed_bytes = Vec::new();
+    let mut run = |prompt_len: usize, config: MigrationConfig| {
         let reference = alone(prompt_len, 40);
         let mut w = World::new(64, 64, config);
         w.src.add(request(TARGET, prompt_len, 40), 0).unwrap();
@@ -370,6 +382,11 @@ fn the_last_stage_does_not_grow_with_the_sequence() {
         assert_eq!(w.stream.finished[&TARGET].0, Side::Destination);
         let out = w.source.outcome().unwrap().clone();
         assert!(out.committed());
+        let [(bytes, outputs)] = w.commits[..] else {
+            panic!("one Commit, not {:?}", w.commits);
+        };
+        assert!(outputs < 40, "the Commit carried {outputs} outputs");
+        commit_fixed_bytes.push(bytes - 4 * outputs);
         out
     };
     let config = MigrationConfig::default(); // 16-block last stage, 3 pre-copies
@@ -420,6 +437,10 @@ fn the_last_stage_does_not_grow_with_the_sequence() {
         d_full > 3 * d_long,
         "stop-and-copy {d_full} vs staged {d_long}"
     );
+    assert!(
+        commit_fixed_bytes.windows(2).all(|w| w[0] == w[1]) && commit_fixed_bytes[0] < 200,
+        "Commit bytes besides KV and outputs: {commit_fixed_bytes:?}"
+    );
 }
 
 #[test]
@@ -459,6 +480,8 @@ fn a_taken_migration_slot_refuses_and_the_request_carries_on() {
             seq: 900,
             block_size: BLOCK as u32,
             blocks_needed: 4,
+            prompt: vec![1, 2, 3],
+            output: vec![4],
         },
         0,
     );
@@ -882,6 +905,8 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
             seq: 5,
             block_size: BLOCK as u32,
             blocks_needed: 3,
+            prompt: vec![1, 2, 3],
+            output: vec![4],
         },
         now,
     );
@@ -920,6 +945,8 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
             seq: 5,
             block_size: 8,
             blocks_needed: 3,
+            prompt: vec![1, 2, 3],
+            output: vec![4],
         },
         now,
     );
@@ -937,6 +964,8 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
             seq: 5,
             block_size: BLOCK as u32,
             blocks_needed: 3,
+            prompt: vec![1, 2, 3],
+            output: vec![4],
         },
         now,
     );
@@ -958,6 +987,71 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
             reason: RefuseReason::ProtocolViolation
         }]
     );
+    // A `Reserve` without a prompt, and a `Commit` whose outputs do not
+    // continue the ones `Reserve` carried, are protocol violations.
+    let r = d.handle(
+        &mut w.dst,
+        Message::Reserve {
+            migration_id: 12,
+            seq: 6,
+            block_size: BLOCK as u32,
+            blocks_needed: 1,
+            prompt: Vec::new(),
+            output: Vec::new(),
+        },
+        now,
+    );
+    assert_eq!(
+        r,
+        vec![Message::Refused {
+            migration_id: 12,
+            reason: RefuseReason::ProtocolViolation
+        }]
+    );
+    d.handle(
+        &mut w.dst,
+        Message::Reserve {
+            migration_id: 13,
+            seq: 6,
+            block_size: BLOCK as u32,
+            blocks_needed: 1,
+            prompt: vec![1, 2, 3],
+            output: vec![4, 5],
+        },
+        now,
+    );
+    let r = d.handle(
+        &mut w.dst,
+        Message::Commit {
+            migration_id: 13,
+            stage: 1,
+            sequence: Box::new(MigratedSequence {
+                id: 6,
+                output_from: 1,
+                new_output: vec![6],
+                sampling: SamplingParams::greedy(10),
+                priority: 0,
+                headroom_blocks: 0,
+                arrival_us: 0,
+                preemptions: 0,
+                tokens_recomputed: 0,
+                block_size: BLOCK,
+                kv_tokens: 5,
+            }),
+            first_block_index: 0,
+            num_blocks: 1,
+            data: vec![0; per_block],
+        },
+        now,
+    );
+    assert_eq!(
+        r,
+        vec![Message::Refused {
+            migration_id: 13,
+            reason: RefuseReason::ProtocolViolation
+        }]
+    );
+    assert_eq!(d.num_incoming(), 0);
     // Replies a destination never takes are ignored.
     assert!(d
         .handle(&mut w.dst, Message::Committed { migration_id: 11 }, now)

@@ -341,6 +341,8 @@ pub fn migration_message(rng: &mut SplitMix64) -> MigrationMessage {
             seq: rng.next_u64(),
             block_size: any_u32(rng),
             blocks_needed: any_u32(rng),
+            prompt: ids(rng, 64),
+            output: ids(rng, 16),
         },
         1 => MigrationMessage::Reserved {
             migration_id,
@@ -373,8 +375,8 @@ pub fn migration_message(rng: &mut SplitMix64) -> MigrationMessage {
                 stage: any_u32(rng),
                 sequence: Box::new(MigratedSequence {
                     id: rng.next_u64(),
-                    prompt: ids(rng, 64),
-                    output: ids(rng, 16),
+                    output_from: any_u32(rng),
+                    new_output: ids(rng, 16),
                     sampling,
                     priority: rng.next_u64() as u8,
                     headroom_blocks: any_u32(rng),
