@@ -277,8 +277,9 @@ pub fn run(args: &Args) -> Result<()> {
     let started = Instant::now();
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<Result<(RunResult, sim::SimStats)>>>> =
-        points.iter().map(|_| Mutex::new(None)).collect();
+    // One slot per point: its simulation's result once a thread ran it.
+    type Slot = Mutex<Option<Result<(RunResult, sim::SimStats)>>>;
+    let slots: Vec<Slot> = points.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {

@@ -538,10 +538,10 @@ async fn one_http(addr: SocketAddr, spec: RequestSpec, started: Instant) -> Requ
                 bail!("{err}");
             }
             let text = v["choices"][0]["text"].as_str().unwrap_or("");
-            if !text.is_empty() || v["choices"][0]["finish_reason"].is_null() {
-                if rec.first_token_us.is_none() {
-                    rec.first_token_us = Some(since(started));
-                }
+            if (!text.is_empty() || v["choices"][0]["finish_reason"].is_null())
+                && rec.first_token_us.is_none()
+            {
+                rec.first_token_us = Some(since(started));
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 rec.output_tokens = n as u32;

@@ -19,8 +19,11 @@
 //!   takes the destination's replies and hands the state machine's messages
 //!   to a tokio task, and keeps stepping (the request decodes during the
 //!   pre-copy stages, the other requests all along). The destination runs on
-//!   its own thread. Every message crosses one QUIC stream of a warm loopback
-//!   connection (the host's TLS identity and transport config,
+//!   its own thread. Both follow the llumlet's scheduling hints
+//!   (`llumen_host::threads`): a short kernel time slice while waiting and
+//!   for the tokio workers, the default one while stepping. Every message
+//!   crosses one QUIC stream of a warm loopback connection (the host's TLS
+//!   identity and transport config,
 //!   `migration::write_message` / `MessageReader` over `FrameReader`);
 //! - after `Committed`, the destination steps once and must emit the
 //!   request's next token (the index continuing where the source stopped).
@@ -29,7 +32,9 @@
 //! batch): the downtime the targets are about,
 //! `detach_to_destination_commit_ms` (the request's time out of every
 //! batch: from its detach at the source to its commit at the destination,
-//! whose next step carries it); `downtime_ms`, the source's view (the
+//! stamped when the destination's state machine returns from the commit,
+//! before it replies; its next step carries the request); `downtime_ms`,
+//! the source's view (the
 //! outcome's detach → `Committed`, which adds the wait for the source's
 //! current step to end before it reads the reply and frees the blocks),
 //! `total_ms` (start → end), the stages and their blocks, KV
@@ -64,6 +69,7 @@ use llumen_host::clock;
 use llumen_host::migration::{write_message, MessageReader};
 use llumen_host::model::{InstanceShape, LoadedModel, ModelChoice};
 use llumen_host::protocol::MAX_MIGRATION_CHUNK;
+use llumen_host::threads;
 use llumen_host::tls::{self, Trust};
 use llumen_host::wire::FrameReader;
 use serde::Serialize;
@@ -126,7 +132,7 @@ pub struct Args {
     /// Migrations measured per length; the run with the median time out of
     /// batch is reported (all runs' figures are listed with it). The
     /// recompute baseline is measured once.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 9)]
     repeats: usize,
     /// Print one JSON document on stdout.
     #[arg(long)]
@@ -264,6 +270,9 @@ struct ConfigReport {
     other_max_tokens: usize,
     warmup_steps: usize,
     before_steps: usize,
+    /// The slice the transport's and the waiting engines' threads ask for
+    /// (`llumen_host::threads`, `LLUMEN_SHORT_SLICE_US`), µs; 0: off.
+    short_slice_us: u64,
 }
 
 #[derive(Serialize)]
@@ -566,6 +575,8 @@ fn run_destination(
     let mut dest = DestinationMigration::new(config);
     let mut side = DestinationSide::default();
     loop {
+        // As a llumlet: waiting, it asks to wake promptly.
+        threads::latency_critical();
         let bytes = match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(b) => b,
             Err(smpsc::RecvTimeoutError::Timeout) => {
@@ -581,17 +592,14 @@ fn run_destination(
         let message = Message::decode(&bytes).context("destination: undecodable message")?;
         drop(bytes);
         let replies = dest.handle(engine, message, clock::now_us());
-        for r in replies {
-            let b = r.encode();
-            *wire_bytes += b.len() as u64;
-            let _ = tx.send(b);
-        }
-        side.work += started.elapsed();
+        // The request is in this engine's batch from here on; replying to
+        // the source is not part of its time out of batch.
+        let handled_us = clock::now_us();
         let mut committed = false;
         while let Some(e) = dest.poll_event() {
             match e {
                 DestinationEvent::Committed { .. } => {
-                    side.committed_us = Some(clock::now_us());
+                    side.committed_us = Some(handled_us);
                     committed = true;
                 }
                 DestinationEvent::Released { reason, .. } => {
@@ -600,7 +608,14 @@ fn run_destination(
                 _ => {}
             }
         }
+        for r in replies {
+            let b = r.encode();
+            *wire_bytes += b.len() as u64;
+            let _ = tx.send(b);
+        }
+        side.work += started.elapsed();
         if committed {
+            threads::compute();
             let report = engine.step(clock::now_us())?;
             for e in report.events {
                 if let SeqEvent::Token { seq, index, .. } = e {
@@ -689,6 +704,7 @@ fn run_source(
         }
         if engine.scheduler().is_idle() {
             // Nothing to decode: wait for the next reply.
+            threads::latency_critical();
             let wait = sm.poll_timeout().map_or(Duration::from_millis(50), |d| {
                 Duration::from_micros(d.saturating_sub(now))
             });
@@ -714,6 +730,7 @@ fn run_source(
             sm.state(),
             SourceState::Reserving | SourceState::Copying { .. }
         );
+        threads::compute();
         let report = engine.step(clock::now_us())?;
         let end = Instant::now();
         for e in &report.events {
@@ -1166,6 +1183,7 @@ pub fn run(args: &Args) -> Result<()> {
         "--transfer-mib must be at least --message-mib"
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .on_thread_start(threads::latency_critical)
         .enable_all()
         .build()?;
     let dir = tempfile::tempdir()?;
@@ -1237,6 +1255,7 @@ pub fn run(args: &Args) -> Result<()> {
                 other_max_tokens: OTHER_MAX_TOKENS,
                 warmup_steps: WARMUP_STEPS,
                 before_steps: args.before_steps.max(1),
+                short_slice_us: threads::short_slice_us(),
             }
         },
         transfer_bytes: total,
@@ -1276,8 +1295,15 @@ pub fn run(args: &Args) -> Result<()> {
 fn print_table(r: &Report) {
     eprintln!();
     eprintln!(
-        "migration: live migration over QUIC loopback ({} threads); last stage <= {} blocks, <= {} pre-copy stages; {} other requests decoding",
-        r.threads, r.config.last_stage_max_blocks, r.config.max_precopy_stages, r.config.other_requests
+        "migration: live migration over QUIC loopback ({} threads); last stage <= {} blocks, <= {} pre-copy stages; {} other requests decoding; transport and waiting engines' slice {}",
+        r.threads,
+        r.config.last_stage_max_blocks,
+        r.config.max_precopy_stages,
+        r.config.other_requests,
+        match r.config.short_slice_us {
+            0 => "the kernel's default (LLUMEN_SHORT_SLICE_US=0)".to_string(),
+            us => format!("{us} µs"),
+        }
     );
     for m in &r.models {
         if let Some(why) = &m.skipped {

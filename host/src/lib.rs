@@ -23,5 +23,6 @@ pub mod protocol;
 pub mod serve;
 pub mod server;
 pub mod shadow;
+pub mod threads;
 pub mod tls;
 pub mod wire;

@@ -397,6 +397,9 @@ impl<B: ModelBackend> StepLoop<B> {
             // for a heartbeat snapshot, instead of spinning.
             let stalled = std::mem::take(&mut self.stalled);
             if stalled || self.engine.scheduler().is_idle() {
+                // Waiting: wake promptly for a migration's commit or a new
+                // request even while other engines compute.
+                crate::threads::latency_critical();
                 let now = clock::now_us();
                 let mut wait = if stalled { STALL_WAIT } else { IDLE_PUBLISH };
                 if let Some(d) = self.next_deadline() {
@@ -437,6 +440,7 @@ impl<B: ModelBackend> StepLoop<B> {
                 self.publish();
             }
             if !self.engine.scheduler().is_idle() {
+                crate::threads::compute();
                 self.step();
                 self.after_step();
             }

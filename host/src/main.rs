@@ -324,6 +324,7 @@ fn main() -> Result<()> {
         } => inspect(&files, json),
         other => {
             let rt = tokio::runtime::Builder::new_multi_thread()
+                .on_thread_start(llumen_host::threads::latency_critical)
                 .enable_all()
                 .build()?;
             rt.block_on(run(other))
