@@ -1374,35 +1374,51 @@ impl SourceMigration {
         self.last_stage(engine, now_us)
     }
 
+    /// The last stage failed at the source after detach: the request goes
+    /// back in the queue here (recompute) and the destination is told.
+    fn give_up_detached<B: ModelBackend>(
+        &mut self,
+        engine: &mut Engine<B>,
+        detached: DetachedSequence,
+        now_us: u64,
+    ) -> Vec<Message> {
+        let requeued = engine.scheduler_mut().requeue(&detached, now_us).is_ok();
+        if !requeued {
+            self.detached = Some(detached);
+        }
+        self.finish(
+            engine,
+            MigrationResult::Aborted {
+                reason: AbortReason::SourceError,
+                requeued,
+            },
+            now_us,
+        );
+        vec![self.abort_message(AbortReason::SourceError)]
+    }
+
     /// Stop-and-copy: detach between two steps, export the rest, `Commit`.
     fn last_stage<B: ModelBackend>(&mut self, engine: &mut Engine<B>, now_us: u64) -> Vec<Message> {
         let detached = match engine.scheduler_mut().detach(self.seq) {
             Ok(d) => d,
             Err(_) => return self.abort_with(engine, AbortReason::SourceError, now_us),
         };
+        let Some(sequence) = MigratedSequence::from_detached(&detached, self.outputs_reserved)
+        else {
+            // Fewer outputs than at `Reserve`: impossible without a
+            // preemption, which `check_alive` catches; never send a history
+            // the destination would splice wrongly.
+            return self.give_up_detached(engine, detached, now_us);
+        };
         let first = self.acked.min(detached.block_table.len());
         // The detached blocks are free at the source now; export them before
-        // anything allocates.
+        // anything allocates blocks.
         let data = match engine
             .backend()
             .export_blocks(&detached.block_table[first..])
         {
             Ok(d) => d,
-            Err(_) => {
-                let requeued = engine.scheduler_mut().requeue(&detached, now_us).is_ok();
-                if !requeued {
-                    self.detached = Some(detached);
-                }
-                self.finish(
-                    engine,
-                    MigrationResult::Aborted {
-                        reason: AbortReason::SourceError,
-                        requeued,
-                    },
-                    now_us,
-                );
-                return vec![self.abort_message(AbortReason::SourceError)];
-            }
+            Err(_) => return self.give_up_detached(engine, detached, now_us),
         };
         let num_blocks = detached.block_table.len() - first;
         let stage = sat_u32(self.stages.len() + 1);
@@ -1415,25 +1431,6 @@ impl SourceMigration {
             sent_us: now_us,
             acked_us: None,
         });
-        let Some(sequence) = MigratedSequence::from_detached(&detached, self.outputs_reserved)
-        else {
-            // Fewer outputs than at `Reserve`: impossible without a
-            // preemption, which `check_alive` catches; never send a history
-            // the destination would splice wrongly.
-            let requeued = engine.scheduler_mut().requeue(&detached, now_us).is_ok();
-            if !requeued {
-                self.detached = Some(detached);
-            }
-            self.finish(
-                engine,
-                MigrationResult::Aborted {
-                    reason: AbortReason::SourceError,
-                    requeued,
-                },
-                now_us,
-            );
-            return vec![self.abort_message(AbortReason::SourceError)];
-        };
         let sequence = Box::new(sequence);
         self.detached = Some(detached);
         self.detached_us = Some(now_us);

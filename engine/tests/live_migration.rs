@@ -863,6 +863,21 @@ fn a_preemption_during_a_stage_aborts_the_migration() {
 
 #[test]
 fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
+    let reserve =
+        |migration_id, seq, block_size: u32, blocks_needed, prompt, output| Message::Reserve {
+            migration_id,
+            seq,
+            block_size,
+            blocks_needed,
+            prompt,
+            output,
+        };
+    let refused = |migration_id, reason| {
+        vec![Message::Refused {
+            migration_id,
+            reason,
+        }]
+    };
     let mut w = World::new(64, 64, fast_stages());
     w.src.add(request(TARGET, 120, 40), 0).unwrap();
     w.run_until_tokens(2);
@@ -900,14 +915,7 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
     let mut d = DestinationMigration::new(fast_stages());
     let r = d.handle(
         &mut w.dst,
-        Message::Reserve {
-            migration_id: 9,
-            seq: 5,
-            block_size: BLOCK as u32,
-            blocks_needed: 3,
-            prompt: vec![1, 2, 3],
-            output: vec![4],
-        },
+        reserve(9, 5, BLOCK as u32, 3, vec![1, 2, 3], vec![4]),
         now,
     );
     assert_eq!(
@@ -929,44 +937,18 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
         },
         now,
     );
-    assert_eq!(
-        r,
-        vec![Message::Refused {
-            migration_id: 9,
-            reason: RefuseReason::ProtocolViolation
-        }]
-    );
+    assert_eq!(r, refused(9, RefuseReason::ProtocolViolation));
     assert_eq!(d.num_incoming(), 0);
     // Wrong block size, and data that does not match its block count.
     let r = d.handle(
         &mut w.dst,
-        Message::Reserve {
-            migration_id: 10,
-            seq: 5,
-            block_size: 8,
-            blocks_needed: 3,
-            prompt: vec![1, 2, 3],
-            output: vec![4],
-        },
+        reserve(10, 5, 8, 3, vec![1, 2, 3], vec![4]),
         now,
     );
-    assert_eq!(
-        r,
-        vec![Message::Refused {
-            migration_id: 10,
-            reason: RefuseReason::BlockSizeMismatch
-        }]
-    );
+    assert_eq!(r, refused(10, RefuseReason::BlockSizeMismatch));
     d.handle(
         &mut w.dst,
-        Message::Reserve {
-            migration_id: 11,
-            seq: 5,
-            block_size: BLOCK as u32,
-            blocks_needed: 3,
-            prompt: vec![1, 2, 3],
-            output: vec![4],
-        },
+        reserve(11, 5, BLOCK as u32, 3, vec![1, 2, 3], vec![4]),
         now,
     );
     let r = d.handle(
@@ -980,44 +962,18 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
         },
         now,
     );
-    assert_eq!(
-        r,
-        vec![Message::Refused {
-            migration_id: 11,
-            reason: RefuseReason::ProtocolViolation
-        }]
-    );
+    assert_eq!(r, refused(11, RefuseReason::ProtocolViolation));
     // A `Reserve` without a prompt, and a `Commit` whose outputs do not
     // continue the ones `Reserve` carried, are protocol violations.
     let r = d.handle(
         &mut w.dst,
-        Message::Reserve {
-            migration_id: 12,
-            seq: 6,
-            block_size: BLOCK as u32,
-            blocks_needed: 1,
-            prompt: Vec::new(),
-            output: Vec::new(),
-        },
+        reserve(12, 6, BLOCK as u32, 1, Vec::new(), Vec::new()),
         now,
     );
-    assert_eq!(
-        r,
-        vec![Message::Refused {
-            migration_id: 12,
-            reason: RefuseReason::ProtocolViolation
-        }]
-    );
+    assert_eq!(r, refused(12, RefuseReason::ProtocolViolation));
     d.handle(
         &mut w.dst,
-        Message::Reserve {
-            migration_id: 13,
-            seq: 6,
-            block_size: BLOCK as u32,
-            blocks_needed: 1,
-            prompt: vec![1, 2, 3],
-            output: vec![4, 5],
-        },
+        reserve(13, 6, BLOCK as u32, 1, vec![1, 2, 3], vec![4, 5]),
         now,
     );
     let r = d.handle(
@@ -1044,13 +1000,7 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
         },
         now,
     );
-    assert_eq!(
-        r,
-        vec![Message::Refused {
-            migration_id: 13,
-            reason: RefuseReason::ProtocolViolation
-        }]
-    );
+    assert_eq!(r, refused(13, RefuseReason::ProtocolViolation));
     assert_eq!(d.num_incoming(), 0);
     // Replies a destination never takes are ignored.
     assert!(d
