@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use llumen_host::admin::AdminCommand;
 use llumen_host::api::{GenerateEvent, GenerateRequest, PromptInput};
 use llumen_host::client::{trust_from, Client};
 
@@ -189,6 +190,8 @@ pub fn run(args: &Args) -> Result<()> {
             total.instance_seconds += fleet.instance_seconds;
             total.run_seconds += fleet.run_seconds;
             total.wall_seconds += fleet.wall_seconds;
+            total.migrations_committed += fleet.migrations_committed;
+            total.migrations_aborted += fleet.migrations_aborted;
         }
     }
     let mut results = Vec::new();
@@ -382,6 +385,12 @@ async fn drive(
         None
     };
     warm_up(&clients, warmup).await?;
+    // The server's migration counters before and after the run (its admin
+    // token from the data directory); the run's migrations are the
+    // difference.
+    let token = llumen_host::tls::read_token(&data_dir.join(llumen_host::tls::TOKEN_FILE))
+        .map_err(|e| anyhow!("the server's admin token (for its migration counters): {e}"))?;
+    let migrations_before = migration_counts(&clients[0], &token).await?;
     let started = Instant::now();
     let wall = Instant::now();
     let mut tasks = Vec::with_capacity(workload.len());
@@ -401,6 +410,7 @@ async fn drive(
         records.push(t.await?);
     }
     let run_seconds = started.elapsed().as_secs_f64();
+    let migrations_after = migration_counts(&clients[0], &token).await?;
     for c in clients {
         if let Ok(c) = Arc::try_unwrap(c) {
             c.close().await;
@@ -410,11 +420,28 @@ async fn drive(
         // A fixed fleet for the whole run (the spawned server does not
         // scale unless --serve-args asks it to; then this is a lower bound).
         instance_seconds: f64::from(instances) * run_seconds,
+        migrations_committed: migrations_after.0.saturating_sub(migrations_before.0),
+        migrations_aborted: migrations_after.1.saturating_sub(migrations_before.1),
         run_seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
         ..FleetRecord::default()
     };
     Ok((records, fleet))
+}
+
+/// The server's live-migration counters so far (`llumen status`):
+/// (committed, aborted).
+async fn migration_counts(client: &Client, token: &str) -> Result<(u64, u64)> {
+    let status = client
+        .admin(token, &AdminCommand::Status, &[])
+        .await
+        .context("asking the server for its status")?;
+    let count = |k: &str| {
+        status["migrations"][k]
+            .as_u64()
+            .with_context(|| format!("the server's status has no migrations.{k}"))
+    };
+    Ok((count("committed")?, count("aborted")?))
 }
 
 /// The prompt of `spec`: seeded token ids.
