@@ -161,7 +161,8 @@ impl Default for MigrationConfig {
 pub enum RefuseReason {
     /// `max_incoming` migrations are already coming in.
     NoSlot,
-    /// Not enough free blocks above the watermark (to reserve or to grow).
+    /// Not enough free blocks above the watermark (to reserve or to grow),
+    /// or a sequence longer than this instance can ever hold.
     OutOfBlocks,
     /// The running batch has no room for one more sequence.
     BatchFull,
@@ -1747,6 +1748,12 @@ impl DestinationMigration {
             Some(RefuseReason::BatchFull)
         } else if prompt.is_empty() {
             Some(RefuseReason::ProtocolViolation)
+        } else if prompt.len().saturating_add(output.len())
+            > engine.scheduler().config().max_total_tokens()
+        {
+            // A history this instance could never hold: it would only be
+            // refused at the commit, after every stage.
+            Some(RefuseReason::OutOfBlocks)
         } else {
             None
         };

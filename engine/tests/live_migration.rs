@@ -964,13 +964,21 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
     );
     assert_eq!(r, refused(11, RefuseReason::ProtocolViolation));
     // A `Reserve` without a prompt, and a `Commit` whose outputs do not
-    // continue the ones `Reserve` carried, are protocol violations.
+    // continue the ones `Reserve` carried, are protocol violations; a
+    // history longer than this instance can ever hold is refused at once.
     let r = d.handle(
         &mut w.dst,
         reserve(12, 6, BLOCK as u32, 1, Vec::new(), Vec::new()),
         now,
     );
     assert_eq!(r, refused(12, RefuseReason::ProtocolViolation));
+    let too_long = w.dst.scheduler().config().max_total_tokens();
+    let r = d.handle(
+        &mut w.dst,
+        reserve(12, 6, BLOCK as u32, 1, vec![1; too_long], vec![2]),
+        now,
+    );
+    assert_eq!(r, refused(12, RefuseReason::OutOfBlocks));
     d.handle(
         &mut w.dst,
         reserve(13, 6, BLOCK as u32, 1, vec![1, 2, 3], vec![4, 5]),

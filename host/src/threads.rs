@@ -11,7 +11,10 @@
 //! per-task `sched_runtime` for normal threads, 6.12+), which makes the
 //! kernel run it as soon as it wakes; its share of the CPU (its weight) is
 //! unchanged. A llumlet marks itself [`compute`] again before it steps, so
-//! its steps do not pre-empt the I/O threads in turn.
+//! its steps do not pre-empt the I/O threads in turn. The tokio runtime
+//! marks every thread it starts, its blocking pool's included: there a
+//! CPU-bound job (a policy's compilation) only pays some more context
+//! switches.
 //!
 //! Best effort: older kernels ignore the slice, other systems have no such
 //! call, a failure is logged once and changes nothing else. The policy
