@@ -187,11 +187,7 @@ pub fn run(args: &Args) -> Result<()> {
             };
             let (all, total) = &mut pooled[t];
             all.extend(records);
-            total.instance_seconds += fleet.instance_seconds;
-            total.run_seconds += fleet.run_seconds;
-            total.wall_seconds += fleet.wall_seconds;
-            total.migrations_committed += fleet.migrations_committed;
-            total.migrations_aborted += fleet.migrations_aborted;
+            total.pool(fleet);
         }
     }
     let mut results = Vec::new();

@@ -77,3 +77,52 @@ pub struct FleetRecord {
     /// Wall-clock seconds the run took (for the simulator's speed figure).
     pub wall_seconds: f64,
 }
+
+impl FleetRecord {
+    /// Adds another run's figures to these (runs of one configuration
+    /// pooled): counters and seconds sum, samples follow each other. Every
+    /// field is named, so a new one cannot be left out.
+    pub fn pool(&mut self, run: FleetRecord) {
+        let FleetRecord {
+            instance_seconds,
+            migrations_committed,
+            migrations_aborted,
+            scale_ups,
+            scale_downs,
+            samples,
+            run_seconds,
+            wall_seconds,
+        } = run;
+        self.instance_seconds += instance_seconds;
+        self.migrations_committed += migrations_committed;
+        self.migrations_aborted += migrations_aborted;
+        self.scale_ups += scale_ups;
+        self.scale_downs += scale_downs;
+        self.samples.extend(samples);
+        self.run_seconds += run_seconds;
+        self.wall_seconds += wall_seconds;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_sums_every_counter_of_the_runs() {
+        let run = |k: u64| FleetRecord {
+            instance_seconds: 4.0 * k as f64,
+            migrations_committed: k,
+            migrations_aborted: 2 * k,
+            scale_ups: 3 * k,
+            scale_downs: 4 * k,
+            samples: Vec::new(),
+            run_seconds: k as f64,
+            wall_seconds: 0.5 * k as f64,
+        };
+        let mut total = FleetRecord::default();
+        total.pool(run(1));
+        total.pool(run(2));
+        assert_eq!(total, run(3));
+    }
+}

@@ -56,7 +56,10 @@ thread_local! {
 /// The calling thread waits for I/O or commands and must answer at once
 /// (tokio workers; a llumlet between steps).
 pub fn latency_critical() {
-    set_slice_us(short_slice_us());
+    let us = short_slice_us();
+    if us != 0 {
+        set_slice_us(us);
+    }
 }
 
 /// The calling thread is about to compute (a llumlet's engine step): the
@@ -186,10 +189,11 @@ mod tests {
             }
             // SAFETY: reads the calling thread's policy.
             assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
-            // Asking again is free (no syscall) and harmless.
+            // Asking again is free (no syscall) and harmless; with the
+            // hints off nothing is ever asked.
             latency_critical();
             latency_critical();
-            assert_eq!(CURRENT.with(Cell::get), Some(short_slice_us()));
+            assert_eq!(CURRENT.with(Cell::get), (short != 0).then_some(short));
         })
         .join()
         .unwrap();
