@@ -6,6 +6,10 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
+# One test build takes about 3 GB under target/ (debug line tables only; see
+# Cargo.toml's dev profile). Say how much room there is, for a failed link's sake.
+echo "test.sh: $(df -Ph "$root" | awk 'NR==2 {print $4}') free on the disk of $root"
+
 scripts/build-policies.sh
 # The real model (98 MB through pip): its tests run only when it is present.
 scripts/fetch-smollm2.sh >/dev/null
