@@ -19,13 +19,15 @@
 //!   takes the destination's replies and hands the state machine's messages
 //!   to a tokio task, and keeps stepping (the request decodes during the
 //!   pre-copy stages, the other requests all along). The destination runs on
-//!   its own thread. Both follow the llumlet's scheduling hints
+//!   its own thread, idle by default; with `--destination-others N` it
+//!   decodes N short requests of its own all along and, like a llumlet,
+//!   takes the migration's messages only between its steps. Both follow the llumlet's scheduling hints
 //!   (`llumen_host::threads`): a short kernel time slice while waiting and
 //!   for the tokio workers, the default one while stepping. Every message
 //!   crosses one QUIC stream of a warm loopback connection (the host's TLS
 //!   identity and transport config,
 //!   `migration::write_message` / `MessageReader` over `FrameReader`);
-//! - after `Committed`, the destination steps once and must emit the
+//! - after `Committed`, the destination's next step must emit the
 //!   request's next token (the index continuing where the source stopped).
 //!
 //! Figures per length (the median of `--repeats` migrations by time out of
@@ -106,6 +108,13 @@ pub struct Args {
     /// Short requests decoding alongside the migrated one.
     #[arg(long, default_value_t = 3)]
     others: usize,
+    /// Short requests decoding on the destination all along. A busy
+    /// destination takes the migration's messages only between its own
+    /// steps, as a llumlet does, so the time out of batch then includes the
+    /// rest of the step it was running when the `Commit` arrived. 0: an
+    /// idle destination, the case the targets are stated for.
+    #[arg(long, default_value_t = 0)]
+    destination_others: usize,
     /// Decode steps timed before the migration.
     #[arg(long, default_value_t = 6)]
     before_steps: usize,
@@ -202,6 +211,10 @@ struct LengthResult {
     /// long request), mean wall time.
     steps_after_detach: usize,
     others_step_ms_after_detach: Option<f64>,
+    /// With `--destination-others`: the destination's steps of its own
+    /// requests before the commit, how many and their median.
+    destination_steps_before_commit: usize,
+    destination_step_ms: Option<f64>,
     /// The target: time out of batch (detach → destination commit) below
     /// `decode_step_ms`, migration committed.
     downtime_below_decode_step: bool,
@@ -268,6 +281,8 @@ struct ConfigReport {
     other_requests: usize,
     other_prompt_tokens: usize,
     other_max_tokens: usize,
+    /// `--destination-others`: requests decoding on the destination.
+    destination_other_requests: usize,
     warmup_steps: usize,
     before_steps: usize,
     /// The slice the transport's and the waiting engines' threads ask for
@@ -561,10 +576,16 @@ struct DestinationSide {
     first_token_index: Option<u32>,
     work: Duration,
     released: Option<String>,
+    /// Durations of the destination's steps of its own requests before the
+    /// commit (a busy destination), ms.
+    steps_before_commit: Vec<f64>,
 }
 
-/// The destination thread: serves incoming messages until the stream ends;
-/// after the commit, steps once (the request's next token).
+/// The destination thread, as a llumlet's turn: takes every message that
+/// has arrived, hands it to the state machine, then steps its batch if it
+/// has one (`--destination-others`) or once after the commit (the
+/// request's next token); with nothing to step it waits for the next
+/// message. Ends when the stream closes.
 fn run_destination(
     engine: &mut Engine<CandleBackend>,
     config: MigrationConfig,
@@ -574,52 +595,73 @@ fn run_destination(
 ) -> Result<DestinationSide> {
     let mut dest = DestinationMigration::new(config);
     let mut side = DestinationSide::default();
-    loop {
-        // As a llumlet: waiting, it asks to wake promptly.
-        threads::latency_critical();
-        let bytes = match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(b) => b,
-            Err(smpsc::RecvTimeoutError::Timeout) => {
-                let now = clock::now_us();
-                if dest.poll_timeout().is_some_and(|t| t <= now) {
-                    dest.handle_timeout(engine, now);
-                }
-                continue;
-            }
-            Err(smpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        let started = Instant::now();
-        let message = Message::decode(&bytes).context("destination: undecodable message")?;
-        drop(bytes);
-        let replies = dest.handle(engine, message, clock::now_us());
-        // The request is in this engine's batch from here on; replying to
-        // the source is not part of its time out of batch.
-        let handled_us = clock::now_us();
-        let mut committed = false;
-        while let Some(e) = dest.poll_event() {
-            match e {
-                DestinationEvent::Committed { .. } => {
-                    side.committed_us = Some(handled_us);
-                    committed = true;
-                }
-                DestinationEvent::Released { reason, .. } => {
-                    side.released = Some(format!("{reason:?}"));
-                }
-                _ => {}
+    // Requests of its own (not the migrated one) keep it stepping.
+    let busy = |engine: &Engine<CandleBackend>| {
+        engine.scheduler().running_ids().iter().any(|&s| s != LONG)
+            || engine.scheduler().waiting_ids().iter().any(|&s| s != LONG)
+    };
+    let mut closed = false;
+    while !closed {
+        let awaiting_first_token = side.committed_us.is_some() && side.first_token_us.is_none();
+        let mut inbox = Vec::new();
+        if !busy(engine) && !awaiting_first_token {
+            // As a llumlet: waiting, it asks to wake promptly.
+            threads::latency_critical();
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(b) => inbox.push(b),
+                Err(smpsc::RecvTimeoutError::Timeout) => {}
+                Err(smpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        for r in replies {
-            let b = r.encode();
-            *wire_bytes += b.len() as u64;
-            let _ = tx.send(b);
+        loop {
+            match rx.try_recv() {
+                Ok(b) => inbox.push(b),
+                Err(smpsc::TryRecvError::Empty) => break,
+                Err(smpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
         }
-        side.work += started.elapsed();
-        if committed {
+        let now = clock::now_us();
+        if dest.poll_timeout().is_some_and(|t| t <= now) {
+            dest.handle_timeout(engine, now);
+        }
+        for bytes in inbox {
+            let started = Instant::now();
+            let message = Message::decode(&bytes).context("destination: undecodable message")?;
+            drop(bytes);
+            let replies = dest.handle(engine, message, clock::now_us());
+            // The request is in this engine's batch from here on; replying
+            // to the source is not part of its time out of batch.
+            let handled_us = clock::now_us();
+            while let Some(e) = dest.poll_event() {
+                match e {
+                    DestinationEvent::Committed { .. } => side.committed_us = Some(handled_us),
+                    DestinationEvent::Released { reason, .. } => {
+                        side.released = Some(format!("{reason:?}"));
+                    }
+                    _ => {}
+                }
+            }
+            for r in replies {
+                let b = r.encode();
+                *wire_bytes += b.len() as u64;
+                let _ = tx.send(b);
+            }
+            side.work += started.elapsed();
+        }
+        let awaiting_first_token = side.committed_us.is_some() && side.first_token_us.is_none();
+        if busy(engine) || awaiting_first_token {
             threads::compute();
+            let started = Instant::now();
             let report = engine.step(clock::now_us())?;
+            if side.committed_us.is_none() {
+                side.steps_before_commit.push(ms(started.elapsed()));
+            }
             for e in report.events {
                 if let SeqEvent::Token { seq, index, .. } = e {
-                    if seq == LONG {
+                    if seq == LONG && side.first_token_us.is_none() {
                         side.first_token_us = Some(clock::now_us());
                         side.first_token_index = Some(index);
                     }
@@ -846,7 +888,7 @@ fn measure_length(
     let long_blocks = (prompt_tokens + LONG_MAX_TOKENS).div_ceil(BLOCK);
     let other_blocks = (OTHER_PROMPT + OTHER_MAX_TOKENS).div_ceil(BLOCK);
     // The requests, a migration's slack, and vLLM's 1% watermark on top.
-    let used = long_blocks + args.others * other_blocks + 16;
+    let used = long_blocks + args.others.max(args.destination_others) * other_blocks + 16;
     let num_blocks = used * 100 / 99 + 2;
     let kv_per_block = model.config.kv_bytes_per_token() * BLOCK;
     if num_blocks * kv_per_block > args.max_pool_mib << 20 {
@@ -895,6 +937,23 @@ fn measure_length(
             Some(t)
         }
     };
+
+    // A busy destination: its own requests, prefilled and warmed up.
+    for i in 0..args.destination_others as u64 {
+        dst.add(
+            request(
+                200 + i,
+                prompt(i + 1001, OTHER_PROMPT, vocab),
+                OTHER_MAX_TOKENS,
+            ),
+            clock::now_us(),
+        )?;
+    }
+    if args.destination_others > 0 {
+        for _ in 0..=WARMUP_STEPS {
+            dst.step(clock::now_us())?;
+        }
+    }
 
     // The source: the long request, then the others, decoding together.
     let source_prefill_ms = if args.prefill_source {
@@ -1046,6 +1105,9 @@ fn measure_length(
             .map(|d| round((d / others_step_ms_before.max(1e-9) - 1.0) * 100.0, 1)),
         steps_after_detach: source.detached_steps.len(),
         others_step_ms_after_detach: mean(&source.detached_steps).map(|x| round(x, 3)),
+        destination_steps_before_commit: destination.steps_before_commit.len(),
+        destination_step_ms: (!destination.steps_before_commit.is_empty())
+            .then(|| round(median(&destination.steps_before_commit), 3)),
         downtime_below_decode_step: since_detach(destination.committed_us)
             .is_some_and(|d| committed && d < decode_step_ms),
         source_view_below_decode_step: downtime_ms.is_some_and(|d| committed && d < decode_step_ms),
@@ -1253,6 +1315,7 @@ pub fn run(args: &Args) -> Result<()> {
                 other_requests: args.others,
                 other_prompt_tokens: OTHER_PROMPT,
                 other_max_tokens: OTHER_MAX_TOKENS,
+                destination_other_requests: args.destination_others,
                 warmup_steps: WARMUP_STEPS,
                 before_steps: args.before_steps.max(1),
                 short_slice_us: threads::short_slice_us(),
@@ -1295,11 +1358,12 @@ pub fn run(args: &Args) -> Result<()> {
 fn print_table(r: &Report) {
     eprintln!();
     eprintln!(
-        "migration: live migration over QUIC loopback ({} threads); last stage <= {} blocks, <= {} pre-copy stages; {} other requests decoding; transport and waiting engines' slice {}",
+        "migration: live migration over QUIC loopback ({} threads); last stage <= {} blocks, <= {} pre-copy stages; {} other requests decoding on the source, {} on the destination; transport and waiting engines' slice {}",
         r.threads,
         r.config.last_stage_max_blocks,
         r.config.max_precopy_stages,
         r.config.other_requests,
+        r.config.destination_other_requests,
         match r.config.short_slice_us {
             0 => "the kernel's default (LLUMEN_SHORT_SLICE_US=0)".to_string(),
             us => format!("{us} µs"),
@@ -1322,7 +1386,7 @@ fn print_table(r: &Report) {
         for x in &m.results {
             let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
             eprintln!(
-                "{:>6} {:>6} | {:>9} {:>8} {:>9.1} | {:>6} {:>18} {:>8.1} | {:>9} {:>9.2} {:>6} | {:>8.2} {:>8} {:>6}{}",
+                "{:>6} {:>6} | {:>9} {:>8} {:>9.1} | {:>6} {:>18} {:>8.1} | {:>9} {:>9.2} {:>6} | {:>8.2} {:>8} {:>6}{}{}",
                 x.length,
                 x.prompt_tokens,
                 opt(x.downtime_ms, 2),
@@ -1337,6 +1401,8 @@ fn print_table(r: &Report) {
                 x.others_step_ms_before,
                 opt(x.others_step_ms_during, 2),
                 opt(x.others_slowdown_pct, 1),
+                x.destination_step_ms
+                    .map_or(String::new(), |d| format!(" | dst step {d:.2}")),
                 if x.committed { "" } else { "  NOT COMMITTED" }
             );
         }
@@ -1377,5 +1443,76 @@ fn print_table(r: &Report) {
     );
     for n in &r.notes {
         eprintln!("note: {n}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    /// The bench's own path, outcomes only (no timing is asserted): on the
+    /// test model, with an idle destination and with one busy with its own
+    /// requests, the migration commits, the destination's first token of
+    /// the request carries the next index, and the busy destination really
+    /// stepped its batch while the migration ran.
+    #[test]
+    fn the_request_continues_on_an_idle_and_on_a_busy_destination() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let link = rt.block_on(connect(dir.path())).unwrap();
+        for destination_others in [0, 2] {
+            let n = destination_others.to_string();
+            let args = Cli::parse_from([
+                "migration",
+                "--models",
+                "tiny",
+                "--lengths",
+                "300",
+                "--repeats",
+                "1",
+                "--others",
+                "2",
+                "--before-steps",
+                "2",
+                "--destination-others",
+                &n,
+            ])
+            .args;
+            let m = measure_model("tiny", &rt, &link, &args).unwrap();
+            assert!(m.skipped.is_none() && m.skipped_lengths.is_empty());
+            let [r] = &m.results[..] else {
+                panic!("{} results", m.results.len())
+            };
+            assert!(r.committed, "{}", r.result);
+            assert!(r.destination_continued, "destination_others {n}");
+            assert_eq!(r.prompt_tokens, 300);
+            // Every block the request held at the start moved (and any it
+            // wrote since); the last stage at most the configured few.
+            let blocks: u32 = r.blocks_per_stage.iter().sum();
+            assert!(blocks as usize >= r.context_tokens_at_start.div_ceil(BLOCK));
+            assert!(
+                *r.blocks_per_stage.last().unwrap() as usize
+                    <= MigrationConfig::default().last_stage_max_blocks
+            );
+            if destination_others == 0 {
+                assert_eq!(r.destination_steps_before_commit, 0);
+                assert!(r.destination_step_ms.is_none());
+            } else {
+                assert!(r.destination_steps_before_commit > 0);
+                assert!(r.destination_step_ms.is_some());
+            }
+        }
     }
 }

@@ -1279,10 +1279,6 @@ impl Scheduler {
     pub fn waiting_ids(&self) -> Vec<SeqId> {
         self.waiting.iter().map(|k| k.id).collect()
     }
-    /// Output tokens of a sequence so far.
-    pub fn output(&self, seq: SeqId) -> Option<&[TokenId]> {
-        self.seqs.get(&seq).map(|s| s.output.as_slice())
-    }
     /// A sequence's prompt and its outputs so far.
     pub fn sequence_tokens(&self, seq: SeqId) -> Option<(&[TokenId], &[TokenId])> {
         self.seqs
@@ -1859,7 +1855,7 @@ mod tests {
         assert_eq!(h.s.stats().preemptions, 2);
         h.s.add(req(4, 2, 2, 0, 0), 0).unwrap();
         assert_eq!(h.s.waiting_ids(), vec![1, 3, 4]);
-        let before = h.s.output(3).unwrap().to_vec();
+        let before = h.s.sequence_tokens(3).unwrap().1.to_vec();
         assert_eq!(before.len(), 3);
         h.run_to_completion();
         for r in &reqs {
@@ -1921,7 +1917,7 @@ mod tests {
         let p = run(&mut s); // 2 cannot be re-admitted; 1 decodes
         assert_eq!(ids(&p), vec![1]);
         assert_eq!(s.sequence(2).unwrap().preemptions, 1);
-        let o2 = s.output(2).unwrap().to_vec();
+        let o2 = s.sequence_tokens(2).unwrap().1.to_vec();
         assert_eq!(o2.len(), 1);
         // Drive until 2 is re-admitted and check its recompute prefill.
         loop {
