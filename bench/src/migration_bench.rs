@@ -178,8 +178,12 @@ struct LengthResult {
     /// about (after the commit the destination's next step carries it).
     detach_to_destination_commit_ms: Option<f64>,
     /// `detach_to_destination_commit_ms` of every repeat of this length
-    /// (this result is the median one).
-    out_of_batch_runs_ms: Vec<f64>,
+    /// (this result is the median one); `None` for a run that did not
+    /// commit.
+    out_of_batch_runs_ms: Vec<Option<f64>>,
+    /// The outcome of every repeat that did not commit (the targets
+    /// require none).
+    runs_not_committed: Vec<String>,
     /// Detach → the destination's first token of the request.
     detach_to_destination_token_ms: Option<f64>,
     /// The destination's first token carried the next index.
@@ -1089,6 +1093,7 @@ fn measure_length(
         effective_mb_per_s: round(bytes as f64 / (total_ms / 1e3).max(1e-9) / 1e6, 1),
         detach_to_destination_commit_ms: since_detach(destination.committed_us),
         out_of_batch_runs_ms: Vec::new(),
+        runs_not_committed: Vec::new(),
         detach_to_destination_token_ms: since_detach(destination.first_token_us),
         destination_continued,
         source_migration_work_ms: round(ms(source.work), 3),
@@ -1185,7 +1190,9 @@ fn measure_model(
             .filter_map(|r| r.detach_to_destination_commit_ms)
             .collect::<Vec<_>>(),
     );
-    let all_committed = results.iter().all(|r| r.committed);
+    let all_committed = results
+        .iter()
+        .all(|r| r.committed && r.runs_not_committed.is_empty());
     let flat = downtime.as_ref().map(|d| all_committed && d.flat);
     Ok(ModelReport {
         model: model.name.clone(),
@@ -1214,12 +1221,39 @@ fn measure_repeated(
     let mut runs = Vec::new();
     for i in 0..args.repeats.max(1) {
         match measure_length(model, rt, link, args, length, last_recompute, i == 0)? {
-            Ok(r) => runs.push(r),
+            Ok(r) => {
+                eprintln!(
+                    "  run {}: {}, out of batch {:?} ms, total {:.1} ms, stages {:?} ms, destination work {:.1} ms",
+                    i + 1,
+                    r.result,
+                    r.detach_to_destination_commit_ms,
+                    r.total_ms,
+                    r.stage_ms,
+                    r.destination_migration_work_ms
+                );
+                runs.push(r)
+            }
             Err(reason) => return Ok(Err(reason)),
         }
     }
-    let key = |r: &LengthResult| r.detach_to_destination_commit_ms.unwrap_or(f64::INFINITY);
-    let all: Vec<f64> = runs.iter().map(key).collect();
+    let key = |r: &LengthResult| match r.detach_to_destination_commit_ms {
+        Some(t) if r.committed => t,
+        _ => f64::INFINITY,
+    };
+    let all: Vec<Option<f64>> = runs
+        .iter()
+        .map(|r| {
+            r.committed
+                .then_some(r.detach_to_destination_commit_ms)
+                .flatten()
+        })
+        .collect();
+    let runs_not_committed: Vec<String> = runs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.committed)
+        .map(|(i, r)| format!("run {}: {}", i + 1, r.result))
+        .collect();
     let (recompute_ms, recompute_note, in_steps) = (
         runs[0].recompute_ms,
         runs[0].recompute_note.clone(),
@@ -1228,6 +1262,11 @@ fn measure_repeated(
     runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
     let mut chosen = runs.swap_remove(runs.len() / 2);
     chosen.out_of_batch_runs_ms = all;
+    chosen.runs_not_committed = runs_not_committed;
+    if !chosen.runs_not_committed.is_empty() {
+        // A target met by the median run alone is not met.
+        chosen.downtime_below_decode_step = false;
+    }
     chosen.recompute_ms = recompute_ms;
     chosen.recompute_note = recompute_note;
     chosen.recompute_in_decode_steps =
@@ -1280,10 +1319,10 @@ pub fn run(args: &Args) -> Result<()> {
             if let Some(n) = &r.recompute_note {
                 notes.push(format!("{} L={}: {n}", m.model, r.length));
             }
-            if !r.committed {
+            for failed in &r.runs_not_committed {
                 notes.push(format!(
-                    "{} L={}: migration not committed: {}",
-                    m.model, r.length, r.result
+                    "{} L={}: migration not committed, {failed}",
+                    m.model, r.length
                 ));
             }
             if r.committed && !r.destination_continued {

@@ -61,11 +61,14 @@
 //!   `Refused`, and the source keeps the request (or requeues it if it was
 //!   already detached).
 //! - Dead source: a destination frees an incoming migration that has not
-//!   heard from its source for `destination_idle_timeout_us`
+//!   heard from its source for `destination_idle_timeout_us` plus the
+//!   transfer allowance of what its reservation may still bring
 //!   ([`DestinationMigration::handle_timeout`]); a later message for it is
 //!   answered `Refused{UnknownMigration}`.
 //! - Dead destination: a source waiting for a reply longer than
-//!   `source_reply_timeout_us` aborts ([`SourceMigration::handle_timeout`]):
+//!   `source_reply_timeout_us` plus the transfer allowance of the message
+//!   it sent (`MigrationConfig::min_transfer_bytes_per_s`: a big stage on a
+//!   slow link is not a dead peer) aborts ([`SourceMigration::handle_timeout`]):
 //!   before detach the request simply carries on; after detach (waiting for
 //!   `Committed`) it is requeued and an `Abort` is still sent.
 //! - The in-doubt window: if a `Committed` reply is lost, both sides may hold
@@ -126,11 +129,20 @@ pub struct MigrationConfig {
     /// (room to grow during the stages; the destination grows the
     /// reservation beyond it on demand).
     pub reserve_slack_blocks: usize,
-    /// Source: how long to wait for each reply before aborting.
+    /// Source: how long to wait for each reply before aborting, on top of
+    /// the transfer allowance of the message it answers.
     pub source_reply_timeout_us: u64,
     /// Destination: how long an incoming migration may stay silent before
-    /// its reservation is freed (dead source).
+    /// its reservation is freed (dead source), on top of the transfer
+    /// allowance of what the reservation may still bring.
     pub destination_idle_timeout_us: u64,
+    /// Both sides: the slowest transfer rate, bytes per second, a live
+    /// peer is trusted to reach. A message of B KV bytes gets B / rate more
+    /// time ([`transfer_allowance_us`](Self::transfer_allowance_us)): a
+    /// fixed timeout alone would abort every long-context migration on a
+    /// slow link (SmolLM2 at 8k tokens sends 372 MB in its first stage; a
+    /// 7B model over 4 GB). 0: no allowance.
+    pub min_transfer_bytes_per_s: u64,
     /// Destination: how long a committed migration is remembered (so that a
     /// late `Abort`, sent by a source that timed out waiting for `Committed`,
     /// can still remove the committed copy).
@@ -146,7 +158,20 @@ impl Default for MigrationConfig {
             reserve_slack_blocks: 1,
             source_reply_timeout_us: 5_000_000,
             destination_idle_timeout_us: 10_000_000,
+            min_transfer_bytes_per_s: 50_000_000,
             committed_memory_us: 60_000_000,
+        }
+    }
+}
+
+impl MigrationConfig {
+    /// The time `bytes` may take at `min_transfer_bytes_per_s`.
+    pub fn transfer_allowance_us(&self, bytes: u64) -> u64 {
+        match self.min_transfer_bytes_per_s {
+            0 => 0,
+            rate => (u128::from(bytes) * 1_000_000 / u128::from(rate))
+                .try_into()
+                .unwrap_or(u64::MAX),
         }
     }
 }
@@ -993,6 +1018,12 @@ impl SourceMigration {
     pub fn poll_timeout(&self) -> Option<u64> {
         self.deadline
     }
+    /// When the reply to a message carrying `kv_bytes` is overdue.
+    fn reply_deadline(&self, now_us: u64, kv_bytes: usize) -> u64 {
+        now_us
+            .saturating_add(self.config.source_reply_timeout_us)
+            .saturating_add(self.config.transfer_allowance_us(kv_bytes as u64))
+    }
     /// The detached sequence, if one is held: while committing, or after a
     /// failed requeue ([`MigrationError::Requeue`]).
     pub fn take_detached(&mut self) -> Option<DetachedSequence> {
@@ -1041,7 +1072,7 @@ impl SourceMigration {
         self.block_size = engine.scheduler().config().block_size;
         self.started_us = now_us;
         self.state = SourceState::Reserving;
-        self.deadline = Some(now_us.saturating_add(self.config.source_reply_timeout_us));
+        self.deadline = Some(self.reply_deadline(now_us, 0));
         bump_out(engine, true);
         Ok(vec![Message::Reserve {
             migration_id: self.id,
@@ -1363,7 +1394,7 @@ impl SourceMigration {
                 acked_us: None,
             });
             self.state = SourceState::Copying { stage };
-            self.deadline = Some(now_us.saturating_add(self.config.source_reply_timeout_us));
+            self.deadline = Some(self.reply_deadline(now_us, data.len()));
             return vec![Message::Blocks {
                 migration_id: self.id,
                 stage,
@@ -1436,7 +1467,7 @@ impl SourceMigration {
         self.detached = Some(detached);
         self.detached_us = Some(now_us);
         self.state = SourceState::Committing;
-        self.deadline = Some(now_us.saturating_add(self.config.source_reply_timeout_us));
+        self.deadline = Some(self.reply_deadline(now_us, data.len()));
         vec![Message::Commit {
             migration_id: self.id,
             stage,
@@ -1525,6 +1556,10 @@ struct Incoming {
     /// Stages imported.
     stages: u32,
     last_heard_us: u64,
+    /// Transfer allowance of the KV the reservation may still bring
+    /// (`MigrationConfig::transfer_allowance_us`), added to the idle
+    /// timeout: the next stage may be that big.
+    allowance_us: u64,
 }
 
 /// The destination side of every migration into one engine. See the module
@@ -1574,7 +1609,11 @@ impl DestinationMigration {
         let idle = self.config.destination_idle_timeout_us;
         self.incoming
             .values()
-            .map(|i| i.last_heard_us.saturating_add(idle))
+            .map(|i| {
+                i.last_heard_us
+                    .saturating_add(idle)
+                    .saturating_add(i.allowance_us)
+            })
             .chain(self.committed.values().map(|&(_, until)| until))
             .min()
     }
@@ -1586,7 +1625,12 @@ impl DestinationMigration {
         let expired: Vec<MigrationId> = self
             .incoming
             .iter()
-            .filter(|(_, i)| now_us >= i.last_heard_us.saturating_add(idle))
+            .filter(|(_, i)| {
+                now_us
+                    >= i.last_heard_us
+                        .saturating_add(idle)
+                        .saturating_add(i.allowance_us)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
@@ -1777,6 +1821,9 @@ impl DestinationMigration {
                 next_block: 0,
                 stages: 0,
                 last_heard_us: now_us,
+                allowance_us: self.config.transfer_allowance_us(
+                    (blocks as u64).saturating_mul(engine.backend().kv_bytes_per_block() as u64),
+                ),
             },
         );
         self.stats.reserved += 1;
@@ -1830,6 +1877,12 @@ impl DestinationMigration {
         }
         inc.next_block = end;
         inc.stages += 1;
+        // The next stage brings what the request wrote meanwhile: at most
+        // the rest of the reservation, or a block beyond it.
+        let still = inc.reserved.saturating_sub(end).max(1);
+        inc.allowance_us = self
+            .config
+            .transfer_allowance_us((still as u64).saturating_mul(per_block as u64));
         self.stats.stages += 1;
         self.stats.blocks_imported += stage.count as u64;
         self.stats.bytes_imported += stage.data.len() as u64;

@@ -755,6 +755,84 @@ fn a_source_times_out_when_the_destination_never_answers() {
     assert_eq!(w.src.scheduler().stats().detached, 0);
 }
 
+/// A link slow enough that the first stage alone outlasts both timeouts:
+/// with the transfer allowance (the link is twice the trusted minimum rate)
+/// the migration commits; with none, the same link times the source out
+/// and the request simply carries on. Either way the output is the
+/// reference and nothing leaks.
+#[test]
+fn a_big_stage_on_a_slow_link_gets_time_in_proportion_to_its_bytes() {
+    let reference = alone(120, 200);
+    for allowance in [true, false] {
+        let per_block_us = 4_000;
+        let probe = World::new(64, 64, fast_stages());
+        let per_block = probe.src.backend().kv_bytes_per_block() as u64;
+        let link_bytes_per_s = per_block * 1_000_000 / per_block_us;
+        let config = MigrationConfig {
+            source_reply_timeout_us: 10_000,
+            destination_idle_timeout_us: 10_000,
+            min_transfer_bytes_per_s: if allowance { link_bytes_per_s / 2 } else { 0 },
+            ..fast_stages()
+        };
+        let mut w = World::new(64, 64, config);
+        w.per_block_us = per_block_us;
+        w.src.add(request(TARGET, 120, 200), 0).unwrap();
+        w.run_until_tokens(3);
+        w.start();
+        w.run_until(|w| w.source.state().is_terminal());
+        let out = w.source.outcome().unwrap().clone();
+        let first_stage_us = out.stages[0].acked_us.map(|a| a - out.stages[0].sent_us);
+        if allowance {
+            assert_eq!(out.result, MigrationResult::Committed);
+            // 7 full blocks at 4 ms each: over twice the reply timeout.
+            assert!(first_stage_us.unwrap() > 20_000, "{first_stage_us:?}");
+        } else {
+            assert_eq!(
+                out.result,
+                MigrationResult::Aborted {
+                    reason: AbortReason::Timeout,
+                    requeued: false
+                }
+            );
+            assert_eq!(first_stage_us, None);
+        }
+        w.drain();
+        assert_eq!(
+            w.stream.of(TARGET),
+            reference.as_slice(),
+            "allowance {allowance}"
+        );
+        let finished_at = if allowance {
+            Side::Destination
+        } else {
+            Side::Source
+        };
+        assert_eq!(w.stream.finished[&TARGET].0, finished_at);
+    }
+}
+
+#[test]
+fn the_transfer_allowance_is_bytes_over_the_trusted_rate() {
+    let config = MigrationConfig {
+        min_transfer_bytes_per_s: 50_000_000,
+        ..MigrationConfig::default()
+    };
+    assert_eq!(config.transfer_allowance_us(0), 0);
+    // SmolLM2's first stage at 8k tokens: 372 MB → 7.4 s.
+    assert_eq!(config.transfer_allowance_us(371_589_120), 7_431_782);
+    assert_eq!(config.transfer_allowance_us(u64::MAX), u64::MAX / 50);
+    let crawl = MigrationConfig {
+        min_transfer_bytes_per_s: 1,
+        ..config.clone()
+    };
+    assert_eq!(crawl.transfer_allowance_us(u64::MAX), u64::MAX);
+    let none = MigrationConfig {
+        min_transfer_bytes_per_s: 0,
+        ..config
+    };
+    assert_eq!(none.transfer_allowance_us(1 << 40), 0);
+}
+
 /// The in-doubt window: the destination commits but its `Committed` is
 /// lost. The source times out, requeues, and its `Abort` removes the
 /// destination's copy: one copy survives, and what the destination streamed
