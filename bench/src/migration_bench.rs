@@ -870,6 +870,21 @@ fn install_synthetic(
     Ok(())
 }
 
+/// `count` short requests, ids from `first_id`, seeded prompts.
+fn add_others(
+    engine: &mut Engine<CandleBackend>,
+    count: usize,
+    first_id: SeqId,
+    vocab: usize,
+) -> Result<()> {
+    for i in 0..count as u64 {
+        let id = first_id + i;
+        let tokens = prompt(id, OTHER_PROMPT, vocab);
+        engine.add(request(id, tokens, OTHER_MAX_TOKENS), clock::now_us())?;
+    }
+    Ok(())
+}
+
 fn measure_length(
     model: &LoadedModel,
     rt: &tokio::runtime::Runtime,
@@ -943,16 +958,7 @@ fn measure_length(
     };
 
     // A busy destination: its own requests, prefilled and warmed up.
-    for i in 0..args.destination_others as u64 {
-        dst.add(
-            request(
-                200 + i,
-                prompt(i + 1001, OTHER_PROMPT, vocab),
-                OTHER_MAX_TOKENS,
-            ),
-            clock::now_us(),
-        )?;
-    }
+    add_others(&mut dst, args.destination_others, 200, vocab)?;
     if args.destination_others > 0 {
         for _ in 0..=WARMUP_STEPS {
             dst.step(clock::now_us())?;
@@ -966,16 +972,7 @@ fn measure_length(
         install_synthetic(&mut src, long_prompt, 0xc0ffee ^ length as u64)?;
         None
     };
-    for i in 0..args.others as u64 {
-        src.add(
-            request(
-                100 + i,
-                prompt(i + 1, OTHER_PROMPT, vocab),
-                OTHER_MAX_TOKENS,
-            ),
-            clock::now_us(),
-        )?;
-    }
+    add_others(&mut src, args.others, 100, vocab)?;
     if args.others > 0 {
         src.step(clock::now_us())?;
     }
