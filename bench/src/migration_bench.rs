@@ -30,7 +30,8 @@
 //! - after `Committed`, the destination's next step must emit the
 //!   request's next token (the index continuing where the source stopped).
 //!
-//! Figures per length (the median of `--repeats` migrations by time out of
+//! Figures per length (the median of `--repeats` migrations, taken in
+//! rounds over all lengths, by time out of
 //! batch): the downtime the targets are about,
 //! `detach_to_destination_commit_ms` (the request's time out of every
 //! batch: from its detach at the source to its commit at the destination,
@@ -138,9 +139,9 @@ pub struct Args {
     /// move and the same decode work, without the minutes of prefill).
     #[arg(long)]
     prefill_source: bool,
-    /// Migrations measured per length; the run with the median time out of
-    /// batch is reported (all runs' figures are listed with it). The
-    /// recompute baseline is measured once.
+    /// Migrations measured per length, in rounds over all lengths; the run
+    /// with the median time out of batch is reported (all runs' figures
+    /// are listed with it). The recompute baseline is measured once.
     #[arg(long, default_value_t = 9)]
     repeats: usize,
     /// Print one JSON document on stdout.
@@ -1159,20 +1160,58 @@ fn measure_model(
     lengths.sort_unstable();
     lengths.dedup();
     let mut last_recompute = None;
-    for length in lengths {
-        eprintln!("migration: {} L={length} ...", model.name);
-        match measure_repeated(&model, rt, link, args, length, &mut last_recompute)? {
-            Ok(r) => {
-                eprintln!(
-                    "  {}: downtime {:?} ms, total {:.1} ms, stages {:?}, recompute {:?} ms, step {:.2} ms",
-                    r.result, r.downtime_ms, r.total_ms, r.blocks_per_stage, r.recompute_ms, r.decode_step_ms
-                );
-                results.push(r)
+    // Round after round over every length (not all repeats of one length
+    // in a row): a slow spell of the machine then lands on all lengths
+    // alike instead of posing as a dependence on the length.
+    let mut runs: Vec<(usize, Vec<LengthResult>)> =
+        lengths.iter().map(|&l| (l, Vec::new())).collect();
+    for round in 0..args.repeats.max(1) {
+        for (length, done) in runs.iter_mut() {
+            if skipped_lengths
+                .iter()
+                .any(|s: &Skipped| s.length == *length)
+            {
+                continue;
             }
-            Err(reason) => {
-                eprintln!("  skipped: {reason}");
-                skipped_lengths.push(Skipped { length, reason })
+            let length = *length;
+            eprintln!(
+                "migration: {} L={length}, run {} of {} ...",
+                model.name,
+                round + 1,
+                args.repeats.max(1)
+            );
+            // The recompute baseline once per length, in the first round
+            // (ascending, so each time predicts the next).
+            match measure_length(
+                &model,
+                rt,
+                link,
+                args,
+                length,
+                &mut last_recompute,
+                round == 0,
+            )? {
+                Ok(r) => {
+                    eprintln!(
+                        "  {}, out of batch {:?} ms, total {:.1} ms, stages {:?} ms, destination work {:.1} ms",
+                        r.result,
+                        r.detach_to_destination_commit_ms,
+                        r.total_ms,
+                        r.stage_ms,
+                        r.destination_migration_work_ms
+                    );
+                    done.push(r)
+                }
+                Err(reason) => {
+                    eprintln!("  skipped: {reason}");
+                    skipped_lengths.push(Skipped { length, reason })
+                }
             }
+        }
+    }
+    for (_, done) in runs {
+        if !done.is_empty() {
+            results.push(median_run(done));
         }
     }
     let committed = results.iter().filter(|r| r.committed);
@@ -1205,34 +1244,10 @@ fn measure_model(
     })
 }
 
-/// `measure_length` `--repeats` times (the recompute baseline once): the
-/// run with the median time out of batch, listing every run's.
-fn measure_repeated(
-    model: &LoadedModel,
-    rt: &tokio::runtime::Runtime,
-    link: &Link,
-    args: &Args,
-    length: usize,
-    last_recompute: &mut Option<(usize, f64)>,
-) -> Result<std::result::Result<LengthResult, String>> {
-    let mut runs = Vec::new();
-    for i in 0..args.repeats.max(1) {
-        match measure_length(model, rt, link, args, length, last_recompute, i == 0)? {
-            Ok(r) => {
-                eprintln!(
-                    "  run {}: {}, out of batch {:?} ms, total {:.1} ms, stages {:?} ms, destination work {:.1} ms",
-                    i + 1,
-                    r.result,
-                    r.detach_to_destination_commit_ms,
-                    r.total_ms,
-                    r.stage_ms,
-                    r.destination_migration_work_ms
-                );
-                runs.push(r)
-            }
-            Err(reason) => return Ok(Err(reason)),
-        }
-    }
+/// The run of one length with the median time out of batch (a run that
+/// did not commit counts as the slowest), listing every run's, carrying
+/// the recompute baseline of the first run.
+fn median_run(mut runs: Vec<LengthResult>) -> LengthResult {
     let key = |r: &LengthResult| match r.detach_to_destination_commit_ms {
         Some(t) if r.committed => t,
         _ => f64::INFINITY,
@@ -1251,11 +1266,7 @@ fn measure_repeated(
         .filter(|(_, r)| !r.committed)
         .map(|(i, r)| format!("run {}: {}", i + 1, r.result))
         .collect();
-    let (recompute_ms, recompute_note, in_steps) = (
-        runs[0].recompute_ms,
-        runs[0].recompute_note.clone(),
-        runs[0].recompute_ms,
-    );
+    let (recompute_ms, recompute_note) = (runs[0].recompute_ms, runs[0].recompute_note.clone());
     runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
     let mut chosen = runs.swap_remove(runs.len() / 2);
     chosen.out_of_batch_runs_ms = all;
@@ -1267,8 +1278,8 @@ fn measure_repeated(
     chosen.recompute_ms = recompute_ms;
     chosen.recompute_note = recompute_note;
     chosen.recompute_in_decode_steps =
-        in_steps.map(|t| round(t / chosen.decode_step_ms.max(1e-9), 1));
-    Ok(Ok(chosen))
+        recompute_ms.map(|t| round(t / chosen.decode_step_ms.max(1e-9), 1));
+    chosen
 }
 
 pub fn run(args: &Args) -> Result<()> {
