@@ -1562,6 +1562,15 @@ struct Incoming {
     allowance_us: u64,
 }
 
+impl Incoming {
+    /// When it is taken for dead, given the idle timeout.
+    fn expires_us(&self, idle_timeout_us: u64) -> u64 {
+        self.last_heard_us
+            .saturating_add(idle_timeout_us)
+            .saturating_add(self.allowance_us)
+    }
+}
+
 /// The destination side of every migration into one engine. See the module
 /// docs. Feed it every message from sources ([`handle`](Self::handle)) and
 /// call [`handle_timeout`](Self::handle_timeout) when
@@ -1609,11 +1618,7 @@ impl DestinationMigration {
         let idle = self.config.destination_idle_timeout_us;
         self.incoming
             .values()
-            .map(|i| {
-                i.last_heard_us
-                    .saturating_add(idle)
-                    .saturating_add(i.allowance_us)
-            })
+            .map(|i| i.expires_us(idle))
             .chain(self.committed.values().map(|&(_, until)| until))
             .min()
     }
@@ -1625,12 +1630,7 @@ impl DestinationMigration {
         let expired: Vec<MigrationId> = self
             .incoming
             .iter()
-            .filter(|(_, i)| {
-                now_us
-                    >= i.last_heard_us
-                        .saturating_add(idle)
-                        .saturating_add(i.allowance_us)
-            })
+            .filter(|(_, i)| now_us >= i.expires_us(idle))
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
