@@ -950,6 +950,13 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
             prompt,
             output,
         };
+    let blocks = |migration_id, first_block_index, num_blocks, data| Message::Blocks {
+        migration_id,
+        stage: 1,
+        first_block_index,
+        num_blocks,
+        data,
+    };
     let refused = |migration_id, reason| {
         vec![Message::Refused {
             migration_id,
@@ -1004,17 +1011,7 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
         }]
     );
     let per_block = w.dst.backend().kv_bytes_per_block();
-    let r = d.handle(
-        &mut w.dst,
-        Message::Blocks {
-            migration_id: 9,
-            stage: 1,
-            first_block_index: 1,
-            num_blocks: 1,
-            data: vec![0; per_block],
-        },
-        now,
-    );
+    let r = d.handle(&mut w.dst, blocks(9, 1, 1, vec![0; per_block]), now);
     assert_eq!(r, refused(9, RefuseReason::ProtocolViolation));
     assert_eq!(d.num_incoming(), 0);
     // Wrong block size, and data that does not match its block count.
@@ -1029,17 +1026,7 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
         reserve(11, 5, BLOCK as u32, 3, vec![1, 2, 3], vec![4]),
         now,
     );
-    let r = d.handle(
-        &mut w.dst,
-        Message::Blocks {
-            migration_id: 11,
-            stage: 1,
-            first_block_index: 0,
-            num_blocks: 2,
-            data: vec![0; per_block],
-        },
-        now,
-    );
+    let r = d.handle(&mut w.dst, blocks(11, 0, 2, vec![0; per_block]), now);
     assert_eq!(r, refused(11, RefuseReason::ProtocolViolation));
     // A `Reserve` without a prompt, and a `Commit` whose outputs do not
     // continue the ones `Reserve` carried, are protocol violations; a
