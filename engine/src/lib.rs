@@ -39,7 +39,8 @@ pub use latency_model::{LatencyModelBackend, LatencyProfile, ProfileError};
 pub use migration::{
     AbortReason, DecodeError, DestinationEvent, DestinationMigration, DestinationStats,
     Message as MigrationMessage, MigratedSequence, MigrationConfig, MigrationError, MigrationId,
-    MigrationOutcome, MigrationResult, RefuseReason, ReleaseReason, SourceMigration, SourceState,
+    MigrationOutcome, MigrationResult, RefuseReason, ReleaseReason, SourceEvent, SourceMigration,
+    SourceState,
     StageRecord,
 };
 pub use request::{FinishReason, Request, SamplingParams, TokenId};

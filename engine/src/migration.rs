@@ -890,8 +890,8 @@ pub enum MigrationError {
         message: &'static str,
     },
     /// A detached sequence could not be put back in the source's queue. The
-    /// migration has ended; the sequence is kept in
-    /// [`SourceMigration::take_detached`] for the host to deal with.
+    /// migration has ended; the sequence travels in its
+    /// [`SourceEvent::Ended`] (`stranded`) for the host to place again.
     Requeue(SchedulerError),
 }
 
@@ -972,6 +972,22 @@ pub struct SourceMigration {
     detached_us: Option<u64>,
     client_aborted: bool,
     outcome: Option<MigrationOutcome>,
+    events: VecDeque<SourceEvent>,
+}
+
+/// What a [`SourceMigration`] reports, polled with
+/// [`SourceMigration::poll_event`] (the destination's counterpart is
+/// [`DestinationEvent`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceEvent {
+    /// The migration reached its end (exactly one per started migration).
+    /// `stranded`: the request had been detached and could not be put back
+    /// in the source's queue; it is no longer in the engine, and the host
+    /// must place it again (from its token history) or fail it.
+    Ended {
+        outcome: MigrationOutcome,
+        stranded: Option<Box<DetachedSequence>>,
+    },
 }
 
 impl SourceMigration {
@@ -994,7 +1010,13 @@ impl SourceMigration {
             detached_us: None,
             client_aborted: false,
             outcome: None,
+            events: VecDeque::new(),
         }
+    }
+
+    /// The next event, oldest first.
+    pub fn poll_event(&mut self) -> Option<SourceEvent> {
+        self.events.pop_front()
     }
 
     pub fn migration_id(&self) -> MigrationId {
@@ -1024,15 +1046,6 @@ impl SourceMigration {
             .saturating_add(self.config.source_reply_timeout_us)
             .saturating_add(self.config.transfer_allowance_us(kv_bytes as u64))
     }
-    /// The detached sequence, if one is held: while committing, or after a
-    /// failed requeue ([`MigrationError::Requeue`]).
-    pub fn take_detached(&mut self) -> Option<DetachedSequence> {
-        if self.state == SourceState::Committing {
-            return None;
-        }
-        self.detached.take()
-    }
-
     /// Starts the migration of a running request: asks the destination for
     /// blocks. Refused (state unchanged) unless the request is running here
     /// and not in the step in flight.
@@ -1325,7 +1338,7 @@ impl SourceMigration {
         };
         self.deadline = None;
         bump_out(engine, false);
-        self.outcome = Some(MigrationOutcome {
+        let outcome = MigrationOutcome {
             migration_id: self.id,
             seq: self.seq,
             result,
@@ -1334,7 +1347,12 @@ impl SourceMigration {
             finished_us: now_us,
             detached_us: self.detached_us,
             downtime_us: self.detached_us.map(|d| now_us.saturating_sub(d)),
-        });
+        };
+        // A sequence still held here after the end was detached and could
+        // not be requeued (a committed one was dropped before `finish`).
+        let stranded = self.detached.take().map(Box::new);
+        self.outcome = Some(outcome.clone());
+        self.events.push_back(SourceEvent::Ended { outcome, stranded });
     }
 
     /// The request is still running here, unpreempted, with the blocks

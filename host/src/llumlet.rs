@@ -1,12 +1,11 @@
-//! The llumlet: one instance's agent. It owns an [`Engine`] on a thread of
-//! its own, drives its step loop, streams each request's tokens to the
-//! request's channel, publishes a load snapshot after every step, and
-//! applies the manager's decisions (new requests, cancellations, draining,
-//! live migrations). It runs the engine's migration state machines on the
-//! same thread, between two steps: a [`SourceMigration`] per request leaving
-//! and one [`DestinationMigration`] for those coming in; their encoded
-//! messages travel through [`MigrationLink`]s (QUIC streams, see
-//! [`crate::migration`]).
+//! The llumlet: one instance's agent, a thread + channels shell over the
+//! fleet core's [`InstanceCore`] (the instance's turn: requests, engine
+//! steps, live migrations, load snapshots — the very code the simulator
+//! runs). The shell owns what the core must not: the thread and its
+//! waiting (for a command, a deadline or the heartbeat, by the wall
+//! clock), each request's event channel, the migration links (encoded
+//! messages through QUIC streams, see [`crate::migration`]) and the route
+//! book a migrated request's stream follows.
 //!
 //! Invariants: every request handed to [`Llumlet::assign`] ends with exactly
 //! one `Finished` or `Failed` event, unless its receiver was dropped (then
@@ -24,9 +23,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use llumen_engine::{
-    DestinationEvent, DestinationMigration, DetachedSequence, Engine, MigrationConfig, MigrationId,
-    MigrationMessage, MigrationOutcome, ModelBackend, Request, SamplingParams, SeqEvent,
-    SourceMigration,
+    Engine, MigrationConfig, MigrationId, MigrationMessage, MigrationOutcome, ModelBackend,
+    SamplingParams,
+};
+use llumen_fleet::{
+    Assign, CoreConfig, CoreEvent, FailKind, Finish, Input, InstanceCore, Turn,
 };
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate};
 use tokio::sync::{mpsc as tmpsc, oneshot};
@@ -211,13 +212,15 @@ pub struct Llumlet {
     thread: Option<JoinHandle<()>>,
 }
 
-/// How often an idle llumlet still publishes its load.
+/// How often an idle llumlet still publishes its load (the core's
+/// heartbeat), and the longest it waits without a look at its channels.
 const IDLE_PUBLISH: Duration = Duration::from_millis(500);
-/// How long a llumlet whose last step scheduled nothing waits for news.
-const STALL_WAIT: Duration = Duration::from_millis(1);
-/// Shortest gap between two snapshots of a busy instance whose request
-/// counts did not change.
-const MIN_PUBLISH_GAP: Duration = Duration::from_millis(5);
+/// Pause after an engine step failed (its sequences were requeued), so a
+/// persistent failure does not spin.
+const FAILED_STEP_PAUSE: Duration = Duration::from_millis(10);
+/// The peer id the core is given: the llumlet addresses peers by link, not
+/// by instance id.
+const LINKED_PEER: u32 = u32::MAX;
 
 impl Llumlet {
     /// Starts the step loop of `engine` as instance `instance` on its own
@@ -295,43 +298,32 @@ impl Drop for Llumlet {
     }
 }
 
-struct Live {
-    events: EventSender,
-    /// Enqueued → first scheduled here, read when the first token comes.
-    queue_us: Option<u64>,
-}
-
-struct Outgoing {
-    sm: SourceMigration,
+/// An outgoing migration's link and who waits for its end.
+struct OutLink {
     link: MigrationLink,
     done: Option<oneshot::Sender<MigrationReport>>,
 }
 
 struct StepLoop<B: ModelBackend> {
-    instance: u32,
-    engine: Engine<B>,
+    core: InstanceCore<B>,
     sink: LoadSink,
-    live: HashMap<u64, Live>,
-    draining: bool,
-    last_publish_us: u64,
     routes: Routes,
-    migration: MigrationConfig,
-    outgoing: HashMap<MigrationId, Outgoing>,
-    incoming: DestinationMigration,
+    /// The event channel of every request served here.
+    senders: HashMap<u64, EventSender>,
+    outgoing: HashMap<MigrationId, OutLink>,
     /// Reply links of incoming migrations.
     replies: HashMap<MigrationId, MigrationLink>,
-    /// The last step scheduled nothing although requests wait.
-    stalled: bool,
 }
 
 impl<B: ModelBackend> Drop for StepLoop<B> {
     /// However the loop ends (stopped, or a panic), every request still here
     /// is told, so its relay places it again.
     fn drop(&mut self) {
-        for (_, l) in self.live.drain() {
-            let _ = l.events.send(InstanceEvent::Failed(ServeError::new(
+        let instance = self.core.id();
+        for (_, events) in self.senders.drain() {
+            let _ = events.send(InstanceEvent::Failed(ServeError::new(
                 ErrorCode::Unavailable,
-                format!("instance {} stopped", self.instance),
+                format!("instance {instance} stopped"),
             )));
         }
         for (_, mut o) in self.outgoing.drain() {
@@ -344,12 +336,6 @@ impl<B: ModelBackend> Drop for StepLoop<B> {
     }
 }
 
-fn send_all(link: &MigrationLink, messages: Vec<MigrationMessage>) {
-    for m in messages {
-        let _ = link.send(m.encode());
-    }
-}
-
 impl<B: ModelBackend> StepLoop<B> {
     fn new(
         instance: u32,
@@ -358,67 +344,53 @@ impl<B: ModelBackend> StepLoop<B> {
         routes: Routes,
         migration: MigrationConfig,
     ) -> Self {
-        Self {
-            instance,
-            engine,
-            sink,
-            live: HashMap::new(),
-            draining: false,
-            last_publish_us: 0,
-            routes,
-            incoming: DestinationMigration::new(migration.clone()),
+        let config = CoreConfig {
             migration,
+            idle_publish_us: Some(IDLE_PUBLISH.as_micros() as u64),
+            ..CoreConfig::default()
+        };
+        Self {
+            core: InstanceCore::new(instance, engine, config),
+            sink,
+            routes,
+            senders: HashMap::new(),
             outgoing: HashMap::new(),
             replies: HashMap::new(),
-            stalled: false,
         }
     }
 
-    /// The next migration deadline, if any.
-    fn next_deadline(&self) -> Option<u64> {
-        self.outgoing
-            .values()
-            .filter_map(|o| o.sm.poll_timeout())
-            .chain(self.incoming.poll_timeout())
-            .min()
-    }
-
     fn run(mut self, rx: mpsc::Receiver<Command>) {
-        self.publish();
+        self.core.publish(clock::now_us());
+        self.flush();
+        let mut last = Turn::Idle;
         loop {
-            // Counts before this turn's commands: new requests are
-            // published before the step, so that the dispatcher sees them
-            // now rather than a step later (load-based dispatch would
-            // otherwise herd every arrival of a step onto one instance).
-            let before_commands = self.counts();
-            // Nothing to step (or nothing could be scheduled last time:
-            // requests waiting for blocks held elsewhere): block until a
-            // command arrives, a migration deadline passes, or it is time
-            // for a heartbeat snapshot, instead of spinning.
-            let stalled = std::mem::take(&mut self.stalled);
-            if stalled || self.engine.scheduler().is_idle() {
+            // Nothing to step, or nothing could be scheduled (requests
+            // waiting for blocks held elsewhere): block until a command
+            // arrives or the core's next deadline (a migration timeout, the
+            // heartbeat) instead of spinning.
+            let waits = !matches!(last, Turn::Stepping { .. }) && !self.core.has_input();
+            if waits {
                 // Waiting: wake promptly for a migration's commit or a new
                 // request even while other engines compute.
                 crate::threads::latency_critical();
                 let now = clock::now_us();
-                let mut wait = if stalled { STALL_WAIT } else { IDLE_PUBLISH };
-                if let Some(d) = self.next_deadline() {
-                    wait = wait.min(Duration::from_micros(d.saturating_sub(now)));
-                }
+                let wait = match last {
+                    Turn::Failed => FAILED_STEP_PAUSE,
+                    _ => self
+                        .core
+                        .poll_timeout()
+                        .map_or(IDLE_PUBLISH, |d| {
+                            Duration::from_micros(d.saturating_sub(now))
+                        })
+                        .min(IDLE_PUBLISH),
+                };
                 match rx.recv_timeout(wait) {
                     Ok(cmd) => {
                         if !self.apply(cmd) {
                             return;
                         }
                     }
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.timeouts();
-                        if clock::now_us() >= self.last_publish_us + IDLE_PUBLISH.as_micros() as u64
-                        {
-                            self.publish();
-                        }
-                        continue;
-                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
@@ -433,25 +405,14 @@ impl<B: ModelBackend> StepLoop<B> {
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             }
-            self.timeouts();
             self.reap_cancelled();
-            let before = self.counts();
-            if before != before_commands {
-                self.publish();
+            crate::threads::compute();
+            last = self.core.turn(clock::now_us());
+            if let Turn::Stepping { .. } = last {
+                // The step ran inside the turn: it ends now.
+                self.core.end_step(clock::now_us());
             }
-            if !self.engine.scheduler().is_idle() {
-                crate::threads::compute();
-                self.step();
-                self.after_step();
-            }
-            // A snapshot after every step that changed what policies see
-            // (requests running or waiting), else at most every
-            // `MIN_PUBLISH_GAP` (fast steps would flood the store).
-            if self.counts() != before
-                || clock::now_us() >= self.last_publish_us + MIN_PUBLISH_GAP.as_micros() as u64
-            {
-                self.publish();
-            }
+            self.flush();
         }
     }
 
@@ -459,426 +420,241 @@ impl<B: ModelBackend> StepLoop<B> {
     fn apply(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Assign(job, events) => self.admit(job, events),
-            Command::SetDraining(d) => {
-                self.draining = d;
-                self.engine.scheduler_mut().set_draining(d);
-            }
+            Command::SetDraining(d) => self.core.input(Input::SetDraining(d)),
             Command::Candidates(reply) => {
-                let _ = reply.send(self.engine.migration_candidates());
+                let _ = reply.send(self.core.migration_candidates());
             }
             Command::MigrateOut {
                 migration_id,
                 seq,
                 link,
                 done,
-            } => self.migrate_out(migration_id, seq, link, done),
+            } => {
+                if self.outgoing.contains_key(&migration_id) {
+                    let _ = done.send(MigrationReport::NotStarted(format!(
+                        "migration {migration_id} is already in flight here"
+                    )));
+                } else {
+                    self.outgoing.insert(
+                        migration_id,
+                        OutLink {
+                            link,
+                            done: Some(done),
+                        },
+                    );
+                    self.core.input(Input::MigrateOut {
+                        migration_id,
+                        request: seq,
+                        peer: LINKED_PEER,
+                    });
+                }
+            }
             Command::FromDestination {
                 migration_id,
                 bytes,
-            } => {
-                let now = clock::now_us();
-                if let Some(o) = self.outgoing.get_mut(&migration_id) {
-                    match MigrationMessage::decode(&bytes) {
-                        Ok(message) => match o.sm.handle(&mut self.engine, message, now) {
-                            Ok(out) => send_all(&o.link, out),
-                            Err(e) => {
-                                tracing::warn!(instance = self.instance, migration_id, error = %e, "migration message refused")
-                            }
-                        },
-                        Err(e) => {
-                            tracing::warn!(instance = self.instance, migration_id, error = %e, "undecodable migration message");
-                            if let Ok(out) = o.sm.cancel(&mut self.engine, now) {
-                                send_all(&o.link, out);
-                            }
-                        }
-                    }
+            } => match MigrationMessage::decode(&bytes) {
+                Ok(message) => self.core.input(Input::Message {
+                    peer: LINKED_PEER,
+                    message,
+                }),
+                Err(e) => {
+                    tracing::warn!(instance = self.core.id(), migration_id, error = %e, "undecodable migration message");
+                    self.core.input(Input::LinkLost { migration_id });
                 }
-                self.settle(migration_id);
+            },
+            Command::LinkLost { migration_id } | Command::IncomingLost { migration_id } => {
+                self.core.input(Input::LinkLost { migration_id })
             }
-            Command::LinkLost { migration_id } => {
-                if let Some(o) = self.outgoing.get_mut(&migration_id) {
-                    // Before detach the request just carries on; after it,
-                    // it is requeued here (recompute).
-                    let _ = o.sm.cancel(&mut self.engine, clock::now_us());
+            Command::FromSource { bytes, reply } => match MigrationMessage::decode(&bytes) {
+                Ok(message) => {
+                    self.replies.insert(message.migration_id(), reply);
+                    self.core.input(Input::Message {
+                        peer: LINKED_PEER,
+                        message,
+                    });
                 }
-                self.settle(migration_id);
-            }
-            Command::FromSource { bytes, reply } => self.on_source_message(bytes, reply),
-            Command::IncomingLost { migration_id } => {
-                let abort = MigrationMessage::Abort {
-                    migration_id,
-                    reason: llumen_engine::AbortReason::Cancelled,
-                };
-                let _ = self
-                    .incoming
-                    .handle(&mut self.engine, abort, clock::now_us());
-                self.replies.remove(&migration_id);
-                self.destination_events();
-            }
+                Err(e) => {
+                    tracing::warn!(instance = self.core.id(), error = %e, "undecodable incoming migration message");
+                }
+            },
             Command::Stop => return false,
         }
         true
     }
 
-    fn migrate_out(
-        &mut self,
-        migration_id: MigrationId,
-        seq: u64,
-        link: MigrationLink,
-        done: oneshot::Sender<MigrationReport>,
-    ) {
-        let refuse = |done: oneshot::Sender<MigrationReport>, why: String| {
-            let _ = done.send(MigrationReport::NotStarted(why));
-        };
-        if !self.live.contains_key(&seq) {
-            return refuse(done, format!("request {seq} is not served here"));
-        }
-        if self.outgoing.values().any(|o| o.sm.seq() == seq)
-            || self.outgoing.contains_key(&migration_id)
-        {
-            return refuse(done, format!("request {seq} is already migrating"));
-        }
-        let mut sm = SourceMigration::new(self.migration.clone(), migration_id, seq);
-        match sm.start(&mut self.engine, clock::now_us()) {
-            Ok(out) => {
-                send_all(&link, out);
-                self.outgoing.insert(
-                    migration_id,
-                    Outgoing {
-                        sm,
-                        link,
-                        done: Some(done),
-                    },
-                );
-            }
-            Err(e) => refuse(done, e.to_string()),
-        }
-    }
-
-    fn on_source_message(&mut self, bytes: Vec<u8>, reply: MigrationLink) {
-        let message = match MigrationMessage::decode(&bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(instance = self.instance, error = %e, "undecodable incoming migration message");
-                return;
-            }
-        };
-        let id = message.migration_id();
-        self.replies.insert(id, reply);
-        let out = self
-            .incoming
-            .handle(&mut self.engine, message, clock::now_us());
-        if let Some(link) = self.replies.get(&id) {
-            send_all(link, out);
-        }
-        self.destination_events();
-    }
-
-    /// Acts on what the destination side did.
-    fn destination_events(&mut self) {
-        while let Some(event) = self.incoming.poll_event() {
-            match event {
-                DestinationEvent::Committed {
-                    migration_id, seq, ..
-                } => {
-                    self.replies.remove(&migration_id);
-                    match self.routes.claim(seq, self.instance) {
-                        Some(events) => {
-                            self.live.insert(
-                                seq,
-                                Live {
-                                    events,
-                                    queue_us: Some(0),
-                                },
-                            );
-                        }
-                        None => {
-                            // Its client is gone: nobody to stream to.
-                            self.engine.abort(seq);
-                        }
-                    }
-                }
-                DestinationEvent::AbortedAfterCommit {
-                    migration_id, seq, ..
-                } => {
-                    // The source kept the request after all (it never heard
-                    // `Committed`); this copy is gone.
-                    self.replies.remove(&migration_id);
-                    self.live.remove(&seq);
-                }
-                DestinationEvent::Released { migration_id, .. } => {
-                    self.replies.remove(&migration_id);
-                }
-                DestinationEvent::Reserved { .. } => {}
-            }
-        }
-    }
-
-    /// Migration deadlines that passed.
-    fn timeouts(&mut self) {
-        let now = clock::now_us();
-        let due: Vec<MigrationId> = self
-            .outgoing
-            .iter()
-            .filter(|(_, o)| o.sm.poll_timeout().is_some_and(|d| d <= now))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in due {
-            if let Some(o) = self.outgoing.get_mut(&id) {
-                if let Ok(out) = o.sm.handle_timeout(&mut self.engine, now) {
-                    send_all(&o.link, out);
-                }
-            }
-            self.settle(id);
-        }
-        if self.incoming.poll_timeout().is_some_and(|d| d <= now) {
-            self.incoming.handle_timeout(&mut self.engine, now);
-            self.destination_events();
-        }
-    }
-
-    /// After a step: the outgoing migrations see what it did.
-    fn after_step(&mut self) {
-        let now = clock::now_us();
-        let ids: Vec<MigrationId> = self.outgoing.keys().copied().collect();
-        for id in ids {
-            if let Some(o) = self.outgoing.get_mut(&id) {
-                let out = o.sm.on_engine_step(&mut self.engine, now);
-                send_all(&o.link, out);
-            }
-            self.settle(id);
-        }
-    }
-
-    /// Retires an outgoing migration that reached its end.
-    fn settle(&mut self, id: MigrationId) {
-        let ended = self
-            .outgoing
-            .get(&id)
-            .is_some_and(|o| o.sm.state().is_terminal());
-        if !ended {
-            return;
-        }
-        let mut o = self.outgoing.remove(&id).expect("checked above");
-        let outcome =
-            o.sm.outcome()
-                .cloned()
-                .expect("a terminal migration has an outcome");
-        if outcome.committed() {
-            // The destination streams it from now on; its channel is handed
-            // over until the destination claims it.
-            if let Some(l) = self.live.remove(&outcome.seq) {
-                self.routes.park(outcome.seq, l.events);
-            }
-        } else if !self.engine.scheduler().contains(outcome.seq) {
-            // Finished or cancelled during the migration.
-            if let Some(l) = self.live.remove(&outcome.seq) {
-                if !l.events.is_closed() {
-                    tracing::debug!(seq = outcome.seq, "request ended during its migration");
-                }
-            }
-        }
-        if let Some(done) = o.done.take() {
-            let _ = done.send(MigrationReport::Ended(MigrationSummary::from(&outcome)));
-        }
-    }
-
     fn admit(&mut self, job: Assignment, events: EventSender) {
-        let now = clock::now_us();
         let id = job.request_id;
-        if self.live.contains_key(&id) {
+        if self.senders.contains_key(&id) {
             let _ = events.send(InstanceEvent::Failed(ServeError::new(
                 ErrorCode::Internal,
-                format!("request {id} is already on instance {}", self.instance),
+                format!("request {id} is already on instance {}", self.core.id()),
             )));
             return;
         }
-        let sampling = SamplingParams {
-            temperature: job.temperature,
-            top_p: job.top_p,
-            seed: job.seed,
-            max_tokens: job.max_tokens,
-            stop_token_ids: job.stop_token_ids.clone(),
-        };
-        let result = if job.generated.is_empty() {
-            self.engine
-                .add(
-                    Request {
-                        id,
-                        prompt: job.prompt,
-                        sampling,
-                        priority: job.priority,
-                        headroom_blocks: job.headroom_blocks,
-                        arrival_us: now,
-                    },
-                    now,
-                )
-                .map_err(|e| e.to_string())
-        } else {
-            // Resuming elsewhere-generated output: recompute prompt + output
-            // and continue at the next index (the sampler is keyed by index,
-            // so seeded sampling continues as it would have).
-            let vocab = self.engine.backend().vocab_size();
-            let bad = vocab.and_then(|v| {
-                job.prompt
-                    .iter()
-                    .chain(&job.generated)
-                    .find(|&&t| t as usize >= v)
-                    .copied()
-            });
-            match bad {
-                Some(t) => Err(format!("token id {t} is outside the model's vocabulary")),
-                None => {
-                    let block_size = self.engine.scheduler().config().block_size;
-                    let kv_tokens = job.prompt.len() + job.generated.len() - 1;
-                    let detached = DetachedSequence {
-                        id,
-                        prompt: job.prompt,
-                        output: job.generated,
-                        sampling,
-                        priority: job.priority,
-                        headroom_blocks: job.headroom_blocks,
-                        arrival_us: now,
-                        preemptions: 0,
-                        tokens_recomputed: 0,
-                        block_size,
-                        block_table: Vec::new(),
-                        kv_tokens,
-                    };
-                    self.engine
-                        .scheduler_mut()
-                        .requeue(&detached, now)
-                        .map_err(|e| e.to_string())
-                }
-            }
-        };
-        match result {
-            Ok(()) => {
-                self.live.insert(
-                    id,
-                    Live {
-                        events,
-                        queue_us: None,
-                    },
-                );
-            }
-            Err(message) => {
-                let _ = events.send(InstanceEvent::Failed(ServeError::new(
-                    ErrorCode::InvalidParameter,
-                    message,
-                )));
-            }
-        }
+        self.senders.insert(id, events);
+        self.core.input(Input::Assign(Box::new(Assign {
+            request: id,
+            prompt: job.prompt,
+            generated: job.generated,
+            sampling: SamplingParams {
+                temperature: job.temperature,
+                top_p: job.top_p,
+                seed: job.seed,
+                max_tokens: job.max_tokens,
+                stop_token_ids: job.stop_token_ids,
+            },
+            priority: job.priority,
+            headroom_blocks: job.headroom_blocks,
+            // The llumlet stamps its own receipt time.
+            arrival_us: clock::now_us(),
+        })));
     }
 
-    /// Aborts requests nobody listens to any more (client gone, manager
-    /// moved them): their blocks are freed now.
+    /// Requests nobody listens to any more (client gone, manager moved
+    /// them) are cancelled: their blocks are freed at the next turn.
     fn reap_cancelled(&mut self) {
         let gone: Vec<u64> = self
-            .live
+            .senders
             .iter()
-            .filter(|(_, l)| l.events.is_closed())
+            .filter(|(_, s)| s.is_closed())
             .map(|(&id, _)| id)
             .collect();
-        let now = clock::now_us();
-        for id in gone {
-            self.live.remove(&id);
-            let migrating = self
-                .outgoing
-                .iter()
-                .find(|(_, o)| o.sm.seq() == id)
-                .map(|(&m, _)| m);
-            match migrating {
-                Some(m) => {
-                    let o = self.outgoing.get_mut(&m).expect("found above");
-                    let out = o.sm.cancel_request(&mut self.engine, now);
-                    send_all(&o.link, out);
-                    self.settle(m);
-                }
-                None => {
-                    self.engine.abort(id);
-                }
-            }
+        for request in gone {
+            self.senders.remove(&request);
+            self.core.input(Input::Cancel { request });
         }
     }
 
-    fn step(&mut self) {
-        let now = clock::now_us();
-        match self.engine.step(now) {
-            Ok(report) => {
-                self.stalled = report.batch_size == 0;
-                for event in report.events {
-                    match event {
-                        SeqEvent::Token { seq, token, index } => {
-                            if let Some(l) = self.live.get_mut(&seq) {
-                                if l.queue_us.is_none() {
-                                    l.queue_us =
-                                        self.engine.scheduler().sequence(seq).and_then(|s| {
-                                            s.first_scheduled_us
-                                                .map(|f| f.saturating_sub(s.enqueued_us))
-                                        });
-                                }
-                                if l.events
-                                    .send(InstanceEvent::Token { index, id: token })
-                                    .is_err()
-                                {
-                                    self.engine.abort(seq);
-                                    self.live.remove(&seq);
-                                }
-                            }
-                        }
-                        SeqEvent::Finished {
-                            seq,
-                            reason,
-                            output_tokens,
-                            ..
-                        } => {
-                            if let Some(l) = self.live.remove(&seq) {
-                                let queue_us = l.queue_us.unwrap_or(0);
-                                let reason = match reason {
-                                    llumen_engine::FinishReason::Length => {
-                                        Some(FinishReason::Length)
-                                    }
-                                    llumen_engine::FinishReason::Stop => Some(FinishReason::Stop),
-                                    llumen_engine::FinishReason::Aborted => None,
-                                };
-                                let event = match reason {
-                                    Some(reason) => InstanceEvent::Finished {
-                                        reason,
-                                        output_tokens,
-                                        queue_us,
-                                    },
-                                    None => InstanceEvent::Failed(ServeError::new(
-                                        ErrorCode::Cancelled,
-                                        "aborted by the instance",
-                                    )),
-                                };
-                                let _ = l.events.send(event);
-                            }
-                        }
+    /// Carries the core's messages to their links and its events to the
+    /// requests' channels, the manager and the route book.
+    fn flush(&mut self) {
+        while let Some(t) = self.core.poll_transmit() {
+            let link = if t.to_source() {
+                self.replies.get(&t.migration_id)
+            } else {
+                self.outgoing.get(&t.migration_id).map(|o| &o.link)
+            };
+            if let Some(link) = link {
+                let _ = link.send(t.message.encode());
+            }
+        }
+        while let Some(event) = self.core.poll_event() {
+            self.on_event(event);
+        }
+        // Incoming migrations that ended send no more replies.
+        let core = &self.core;
+        self.replies.retain(|&id, _| core.is_incoming(id));
+    }
+
+    fn on_event(&mut self, event: CoreEvent) {
+        let instance = self.core.id();
+        match event {
+            CoreEvent::Token {
+                request,
+                index,
+                token,
+            } => {
+                if let Some(s) = self.senders.get(&request) {
+                    if s.send(InstanceEvent::Token { index, id: token }).is_err() {
+                        self.senders.remove(&request);
+                        self.core.input(Input::Cancel { request });
                     }
                 }
             }
-            Err(e) => {
+            CoreEvent::Finished {
+                request,
+                reason,
+                output_tokens,
+                queue_us,
+            } => {
+                if let Some(s) = self.senders.remove(&request) {
+                    let reason = match reason {
+                        Finish::Length => FinishReason::Length,
+                        Finish::Stop => FinishReason::Stop,
+                    };
+                    let _ = s.send(InstanceEvent::Finished {
+                        reason,
+                        output_tokens,
+                        queue_us,
+                    });
+                }
+            }
+            CoreEvent::Failed {
+                request,
+                kind,
+                message,
+            } => {
+                if let Some(s) = self.senders.remove(&request) {
+                    let code = match kind {
+                        FailKind::Invalid => ErrorCode::InvalidParameter,
+                        FailKind::Cancelled => ErrorCode::Cancelled,
+                    };
+                    let _ = s.send(InstanceEvent::Failed(ServeError::new(code, message)));
+                }
+            }
+            CoreEvent::Stranded(job) => {
+                // Its relay places it again from the tokens it has seen.
+                if let Some(s) = self.senders.remove(&job.request) {
+                    let _ = s.send(InstanceEvent::Failed(ServeError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "request {} could not be put back on instance {instance} after a failed migration",
+                            job.request
+                        ),
+                    )));
+                }
+            }
+            CoreEvent::MovedOut { request, .. } => {
+                // The destination streams it from now on; its channel is
+                // handed over until the destination claims it.
+                if let Some(s) = self.senders.remove(&request) {
+                    self.routes.park(request, s);
+                }
+            }
+            CoreEvent::MovedIn {
+                request,
+                migration_id,
+                ..
+            } => {
+                self.replies.remove(&migration_id);
+                match self.routes.claim(request, instance) {
+                    Some(s) => {
+                        self.senders.insert(request, s);
+                    }
+                    // Its client is gone: nobody to stream to.
+                    None => self.core.input(Input::Cancel { request }),
+                }
+            }
+            CoreEvent::MoveInRevoked { request } => {
+                // The source kept the request after all; this copy is gone.
+                self.senders.remove(&request);
+            }
+            CoreEvent::MigrationEnded {
+                migration_id,
+                report,
+                ..
+            } => {
+                if let Some(mut o) = self.outgoing.remove(&migration_id) {
+                    if let Some(done) = o.done.take() {
+                        let report = match report {
+                            llumen_fleet::MigrationReport::Ended(outcome) => {
+                                MigrationReport::Ended(MigrationSummary::from(&outcome))
+                            }
+                            llumen_fleet::MigrationReport::NotStarted(why) => {
+                                MigrationReport::NotStarted(why.to_string())
+                            }
+                        };
+                        let _ = done.send(report);
+                    }
+                }
+            }
+            CoreEvent::Published(load) => (self.sink)(load),
+            CoreEvent::Preempted { .. } => {}
+            CoreEvent::StepFailed { message } => {
                 // The engine requeued the step's sequences (recompute):
-                // nothing is lost; back off a little so a persistent
-                // failure does not spin.
-                tracing::error!(instance = self.instance, error = %e, "engine step failed");
-                std::thread::sleep(Duration::from_millis(10));
+                // nothing is lost; the loop pauses before the next turn.
+                tracing::error!(instance, error = %message, "engine step failed");
             }
         }
-    }
-
-    fn counts(&self) -> (usize, usize) {
-        let s = self.engine.scheduler();
-        (s.num_running(), s.num_waiting())
-    }
-
-    fn publish(&mut self) {
-        let now = clock::now_us();
-        let mut load = self.engine.load(self.instance, now);
-        load.draining = self.draining;
-        self.last_publish_us = now;
-        (self.sink)(load);
     }
 }

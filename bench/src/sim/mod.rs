@@ -18,16 +18,17 @@
 //!   ([`SourceMigration`](llumen_engine::SourceMigration) /
 //!   [`DestinationMigration`](llumen_engine::DestinationMigration)) between
 //!   two simulated engines, each message taking `bytes / bandwidth + a fixed
-//!   latency` of virtual time.
+//!   latency` of virtual time;
+//! - each instance's turn (inputs, timeouts, snapshots, engine steps, live
+//!   migrations) is the fleet core's [`InstanceCore`](llumen_fleet::InstanceCore)
+//!   and the manager's placement, migration and scaling rounds are its
+//!   [`Controller`](llumen_fleet::Controller): the code the server's
+//!   llumlets and manager run. `world.rs` lists the few places where the
+//!   simulator drives them differently.
 //!
-//! The llumlet's step loop and the manager's rounds are mirrored here (they
-//! are bound to threads, channels and QUIC): `world.rs` documents each place
-//! where the simulator departs from them.
-//!
-//! **Owns**: the event queue and virtual clock, the simulated instances
-//! (engine + migration state machines + mailbox), the global scheduler's
-//! mirror (dispatch, migration and scaling rounds), the per-request and
-//! fleet records of a run ([`crate::record`]), and the `sim` subcommand.
+//! **Owns**: the event queue and virtual clock, the network delay model
+//! between instances, fleet samples, the per-request and fleet records of a
+//! run ([`crate::record`]), and the `sim` subcommand.
 //! **Never touches**: the wall clock for decisions, threads of its own (the
 //! policy runtime keeps its epoch ticker), sockets, sled, files other than
 //! the profile and policy components it is told to load, and the workload
@@ -232,6 +233,9 @@ pub struct SimStats {
     pub max_instances: u32,
     /// Requests refused at admission (they carry an error).
     pub rejected_requests: u64,
+    /// Requests placed again because a failed migration had detached them
+    /// and their instance could not take them back (should be 0).
+    pub requests_replaced: u64,
     /// Blocks still held, and sequences still present, on any engine when
     /// the run ended (0 and 0 unless something leaked).
     pub blocks_held_at_end: u64,

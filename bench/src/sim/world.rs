@@ -1,106 +1,61 @@
-//! The simulation proper: a virtual clock, an event queue, the simulated
-//! instances and the global scheduler's rounds.
+//! The simulation proper: a virtual clock, an event queue, the network
+//! delay model between instances, fleet samples and the records of a run.
+//! The instances' turns and the manager's decisions are not here: each
+//! instance is the fleet core's [`InstanceCore`] and the manager's rounds
+//! are its [`Controller`], the very code the server runs.
 //!
 //! **Owns**: the event loop (a [`BinaryHeap`] keyed by (virtual time,
-//! insertion number), so equal times resolve in a fixed order), each
-//! instance's step loop (a mirror of `host/src/llumlet.rs`), the
-//! migration transport between instances (messages delayed by
-//! `bytes / bandwidth + latency`, in order per migration and direction),
-//! the manager's rounds (a mirror of `host/src/manager.rs`: `submit`'s
-//! priority and dispatch, `migration_round` / `start_migration`,
-//! `scaling_round` / `drain`), and the records of the run.
+//! insertion number), so equal times resolve in a fixed order), when each
+//! core takes a turn and when its step ends (`now + the step's modelled
+//! duration`), the migration transport between instances (messages
+//! delayed by `bytes / bandwidth + latency`, in order per migration and
+//! direction), the periodic rounds and samples, and the records.
 //! **Never touches**: the wall clock for decisions (only to time the run),
-//! threads, sockets, files.
+//! threads, sockets, files; an instance's turn or a decision rule (those
+//! are the fleet core's).
 //!
-//! # An instance, as its llumlet drives it
-//!
-//! A turn (the llumlet's loop body) happens when an idle instance receives
-//! something, and when its step ends: apply the mailbox in order (new
-//! requests, migration commands and messages), run due migration
-//! timeouts, then `Engine::step(now)` if the engine holds requests. The
-//! step's effect is computed at once but lands at `now + duration`: the
-//! instance is busy until then, and what arrives meanwhile waits in its
-//! mailbox, exactly as the llumlet applies commands only between steps. At
-//! the step's end the outgoing migrations see it (`on_engine_step`), the
-//! load snapshot is published to the policies (after every step that
-//! changed the running/waiting counts, else at most every 5 ms, the
-//! llumlet's rule), and the next turn follows; a turn whose commands
-//! changed those counts publishes before its step too (the llumlet's rule,
-//! so that the dispatcher sees new requests at once).
-//!
-//! Departures from the llumlet and the manager (they live on threads,
-//! channels and QUIC; the simulator runs their logic on one thread):
-//! - No idle heartbeat snapshots (every 500 ms): an idle instance's load
-//!   changes only when something happens to it, and then it is published
-//!   at the end of that turn if it differs from the last one published
-//!   (timestamp aside).
+//! Where the simulator's driving differs from the server's llumlet and
+//! manager (everything else is the same code):
+//! - A step's effects land at its modelled end; what arrives meanwhile
+//!   waits in the core's inputs, as a llumlet reads commands only between
+//!   steps.
+//! - No heartbeat snapshots (`idle_publish_us: None`): an idle instance
+//!   publishes when its load changes.
 //! - Migration messages are passed as values, not encoded bytes. The
-//!   latency backend keeps no KV contents here (`without_kv_contents`: no
-//!   digest per token written), so a message's KV payload is each block's
-//!   filler pattern shrunk to one header (`with_kv_bytes_per_block`); its
-//!   transfer time counts the profile's full `kv_bytes_per_block`. That
-//!   migrated KV arrives byte for byte is the engine's tests' business.
+//!   latency backend keeps no KV contents here (`without_kv_contents`), so
+//!   a message's KV payload is one header per block
+//!   (`with_kv_bytes_per_block`); its transfer time counts the profile's
+//!   full `kv_bytes_per_block`.
 //! - A request enters the engine with its workload arrival time as
 //!   `arrival_us` (the llumlet stamps its own receipt time; dispatch is
-//!   instantaneous here, so they only differ while the instance is busy).
-//! - A drained instance is removed only when its engine is empty and no
-//!   migration or message involves it (the manager trusts the fleet view
-//!   and lets the relays re-place anything a stopped instance dropped).
+//!   instantaneous here).
 //! - A scale-up instance exists (and costs) from the decision and serves
 //!   after the start-up delay; the manager's in-process instances start at
 //!   once.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use llumen_engine::latency_model::migration_time_us;
 use llumen_engine::{
-    DestinationEvent, DestinationMigration, Engine, LatencyModelBackend, MigrationError,
-    MigrationId, MigrationMessage as Message, MigrationResult, Request, SamplingParams, SeqEvent,
-    SourceMigration,
+    Engine, LatencyModelBackend, MigrationId, MigrationMessage as Message, MigrationResult,
+    SamplingParams,
 };
-use llumen_host::policy::{Decision, PolicyRuntime};
-use llumen_policy_logic::{InstanceLoad, RequestMeta, ScalingDecision};
+use llumen_fleet::{
+    Assign, Controller, ControllerConfig, CoreConfig, CoreEvent, FailKind, Input, InstanceCore,
+    InstancePhase as Phase, MigrationReport, ScalingAction, Turn,
+};
+use llumen_host::policy::{PolicyRuntime, RuntimeDecide};
+use llumen_policy_logic::RequestMeta;
 
 use super::{policies, SimConfig, SimOutcome, SimStats};
 use crate::record::{FleetRecord, FleetSample, RequestRecord, RequestSpec};
 
-/// The llumlet's `MIN_PUBLISH_GAP`: shortest gap between two snapshots of
-/// a busy instance whose request counts did not change.
-const MIN_PUBLISH_GAP_US: u64 = 5_000;
 /// The token every simulated prompt is made of (the latency backend reads
 /// only lengths).
 const PROMPT_TOKEN: u32 = 100;
-
-// ---------------------------------------------------------------------------
-// Events
-// ---------------------------------------------------------------------------
-
-/// Something an instance's mailbox receives (the llumlet's `Command`).
-#[derive(Debug)]
-enum Command {
-    /// A new request (with its priority and headroom from the priority policy).
-    Assign {
-        seq: u64,
-        priority: u8,
-        headroom_blocks: u32,
-    },
-    /// Start migrating `seq` to `destination`.
-    MigrateOut {
-        migration_id: MigrationId,
-        seq: u64,
-        destination: u32,
-    },
-    /// A reply of an outgoing migration's destination.
-    FromDestination {
-        migration_id: MigrationId,
-        message: Message,
-    },
-    /// A message of an incoming migration's source.
-    FromSource { source: u32, message: Message },
-}
 
 #[derive(Debug)]
 enum EventKind {
@@ -108,11 +63,11 @@ enum EventKind {
     Arrival,
     /// An instance's step ends.
     StepEnd(u32),
-    /// A migration message reaches an instance's mailbox.
-    Deliver(u32, Box<Command>),
+    /// A migration message from `from` reaches instance `to`.
+    Deliver { to: u32, from: u32, message: Box<Message> },
     /// A started instance is ready to serve.
     Ready(u32),
-    /// An instance's next migration deadline.
+    /// An instance's next deadline (`InstanceCore::poll_timeout`).
     Timer(u32),
     MigrationRound,
     ScalingRound,
@@ -127,7 +82,7 @@ impl EventKind {
             self,
             EventKind::Arrival
                 | EventKind::StepEnd(_)
-                | EventKind::Deliver(..)
+                | EventKind::Deliver { .. }
                 | EventKind::Ready(_)
         )
     }
@@ -157,58 +112,13 @@ impl Ord for Event {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Instances and requests
-// ---------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Scaled up, not serving yet (not in the policies' fleet view).
-    Starting,
-    Serving,
-    /// No new requests; removed once empty.
-    Draining,
-    Removed,
-}
-
-struct Outgoing {
-    sm: SourceMigration,
-    destination: u32,
-}
-
-struct Instance {
-    engine: Engine<LatencyModelBackend>,
-    phase: Phase,
+struct Node {
+    core: InstanceCore<LatencyModelBackend>,
     created_us: u64,
-    /// A step is in flight (until its `StepEnd`).
-    busy: bool,
-    mailbox: VecDeque<Command>,
-    outgoing: BTreeMap<MigrationId, Outgoing>,
-    incoming: DestinationMigration,
-    /// The last load published to the policies (the fleet view's copy).
-    last_load: Option<InstanceLoad>,
-    last_publish_us: u64,
-    /// (running, waiting) before the step in flight.
-    counts_before: (usize, usize),
+    /// Stopped by the scaling round.
+    removed: bool,
     /// When the pending `Timer` event fires, if one is pending.
     timer_at: Option<u64>,
-    /// Migrations in or out in flight (the manager's count).
-    migrating: u32,
-}
-
-impl Instance {
-    fn counts(&self) -> (usize, usize) {
-        let s = self.engine.scheduler();
-        (s.num_running(), s.num_waiting())
-    }
-
-    fn next_deadline(&self) -> Option<u64> {
-        self.outgoing
-            .values()
-            .filter_map(|o| o.sm.poll_timeout())
-            .chain(self.incoming.poll_timeout())
-            .min()
-    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -233,9 +143,27 @@ fn mix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-// ---------------------------------------------------------------------------
-// The world
-// ---------------------------------------------------------------------------
+/// Calls into the policies the active version did not answer.
+#[derive(Default)]
+struct Failures {
+    count: u64,
+    first: Option<String>,
+}
+
+/// Runs `$body` with `$d` a [`RuntimeDecide`] over the world's runtime
+/// whose failures are added to the world's count (the borrow of the
+/// runtime and of the controller stay disjoint).
+macro_rules! with_decide {
+    ($world:ident, $d:ident, $body:expr) => {{
+        let mut $d = RuntimeDecide::new(&$world.runtime);
+        let out = $body;
+        $world.failures.count += $d.failures;
+        if $world.failures.first.is_none() {
+            $world.failures.first = $d.first_failure.take();
+        }
+        out
+    }};
+}
 
 pub struct World<'a> {
     cfg: &'a SimConfig,
@@ -244,28 +172,29 @@ pub struct World<'a> {
     order: Vec<u32>,
     next_arrival: usize,
     runtime: PolicyRuntime,
+    controller: Controller,
+    failures: Failures,
     now: u64,
     queue: BinaryHeap<Event>,
     next_event: u64,
     /// Work events in the queue (see [`EventKind::is_work`]).
     work_events: u64,
-    instances: Vec<Instance>,
+    nodes: Vec<Node>,
     reqs: Vec<ReqState>,
     done: usize,
+    /// Steps in flight.
     busy: usize,
-    outgoing: usize,
-    next_migration: MigrationId,
     /// Delivery time of the last message per (migration, towards the source).
     fifo: HashMap<(MigrationId, bool), u64>,
-    /// When the destination committed a migration (until the source settles it).
+    /// When the destination committed a migration (until the source ends it).
     committed_at: HashMap<MigrationId, u64>,
+    /// A step failure to stop the run with.
+    step_failure: Option<String>,
     bandwidth: f64,
     kv_bytes_per_block: u64,
     instance_us: u128,
     samples: Vec<FleetSample>,
     stats: SimStats,
-    /// Reused list of migration ids.
-    scratch: Vec<MigrationId>,
 }
 
 impl<'a> World<'a> {
@@ -318,30 +247,40 @@ impl<'a> World<'a> {
         let mut order: Vec<u32> = (0..workload.len() as u32).collect();
         order.sort_by_key(|&i| (workload[i as usize].arrival_us, i));
         let runtime = policies::build_runtime(&cfg.policies)?;
+        let (min_instances, max_instances) = match &cfg.scaling {
+            Some(s) => (s.min_instances, s.max_instances),
+            None => (cfg.instances, cfg.instances),
+        };
+        let controller = Controller::new(ControllerConfig {
+            max_migrations_per_instance: cfg.max_migrations_per_instance,
+            min_instances,
+            max_instances,
+            migrate: cfg.migration,
+        });
         Ok(Self {
             cfg,
             workload,
             order,
             next_arrival: 0,
             runtime,
+            controller,
+            failures: Failures::default(),
             now: 0,
             queue: BinaryHeap::new(),
             next_event: 0,
             work_events: 0,
-            instances: Vec::new(),
+            nodes: Vec::new(),
             reqs: vec![ReqState::default(); workload.len()],
             done: 0,
             busy: 0,
-            outgoing: 0,
-            next_migration: 1,
             fifo: HashMap::new(),
             committed_at: HashMap::new(),
+            step_failure: None,
             bandwidth,
             kv_bytes_per_block: cfg.profile.kv_bytes_per_block() as u64,
             instance_us: 0,
             samples: Vec::new(),
             stats: SimStats::default(),
-            scratch: Vec::new(),
         })
     }
 
@@ -357,19 +296,10 @@ impl<'a> World<'a> {
         self.next_event += 1;
     }
 
-    fn note<T>(&mut self, d: &Decision<T>) {
-        if let Some(f) = &d.failure {
-            self.stats.policy_failures += 1;
-            if self.stats.first_policy_failure.is_none() {
-                self.stats.first_policy_failure = Some(format!("{:?}: {f}", d.source));
-            }
-        }
-    }
-
     fn finished(&self) -> bool {
         self.done == self.workload.len()
             && self.busy == 0
-            && self.outgoing == 0
+            && self.controller.migrations_in_flight() == 0
             && self.work_events == 0
             && self.now >= self.cfg.min_run_us
     }
@@ -378,9 +308,9 @@ impl<'a> World<'a> {
     /// (compiling the policy components), reported apart.
     pub fn run(mut self, setup_seconds: f64) -> Result<SimOutcome> {
         let wall = Instant::now();
-        for _ in 0..self.cfg.instances {
-            let id = self.add_instance();
-            self.ready(id);
+        for id in 0..self.cfg.instances {
+            self.add_node(id, Phase::Starting);
+            self.ready(id)?;
         }
         if let Some(&first) = self.order.first() {
             self.push(self.workload[first as usize].arrival_us, EventKind::Arrival);
@@ -406,8 +336,8 @@ impl<'a> World<'a> {
             match ev.kind {
                 EventKind::Arrival => self.arrival()?,
                 EventKind::StepEnd(id) => self.step_end(id)?,
-                EventKind::Deliver(id, cmd) => self.deliver(id, *cmd)?,
-                EventKind::Ready(id) => self.ready(id),
+                EventKind::Deliver { to, from, message } => self.deliver(to, from, *message)?,
+                EventKind::Ready(id) => self.ready(id)?,
                 EventKind::Timer(id) => self.timer(id)?,
                 EventKind::MigrationRound => {
                     self.migration_round()?;
@@ -417,7 +347,7 @@ impl<'a> World<'a> {
                     );
                 }
                 EventKind::ScalingRound => {
-                    self.scaling_round();
+                    self.scaling_round()?;
                     let period = self.cfg.scaling.as_ref().map_or(1, |s| s.period_us);
                     self.push(self.now + period, EventKind::ScalingRound);
                 }
@@ -426,7 +356,13 @@ impl<'a> World<'a> {
                     self.push(self.now + self.cfg.sample_period_us, EventKind::Sample);
                 }
             }
-            if self.work_events == 0 && self.outgoing == 0 && self.done < self.workload.len() {
+            if let Some(e) = self.step_failure.take() {
+                bail!("{e}");
+            }
+            if self.work_events == 0
+                && self.controller.migrations_in_flight() == 0
+                && self.done < self.workload.len()
+            {
                 bail!("{}", self.stall_report());
             }
         }
@@ -435,16 +371,16 @@ impl<'a> World<'a> {
 
     fn stall_report(&self) -> String {
         let stuck: Vec<String> = self
-            .instances
+            .nodes
             .iter()
             .enumerate()
-            .filter(|(_, i)| !i.engine.scheduler().is_idle())
-            .map(|(id, i)| {
-                let s = i.engine.scheduler();
+            .filter(|(_, n)| !n.core.engine().scheduler().is_idle())
+            .map(|(id, n)| {
+                let s = n.core.engine().scheduler();
                 let bm = s.block_manager();
                 format!(
                     "instance {id} ({:?}): {} running, {} waiting, {} free / {} reserved of {} blocks",
-                    i.phase,
+                    self.controller.phase(id as u32),
                     s.num_running(),
                     s.num_waiting(),
                     bm.free_blocks(),
@@ -464,15 +400,35 @@ impl<'a> World<'a> {
 
     fn finish(mut self, wall_seconds: f64, setup_seconds: f64) -> SimOutcome {
         let end = self.now;
-        for inst in &self.instances {
-            if inst.phase != Phase::Removed {
-                self.instance_us += u128::from(end - inst.created_us);
+        for node in &self.nodes {
+            if !node.removed {
+                self.instance_us += u128::from(end - node.created_us);
             }
-            let s = inst.engine.scheduler();
+            let s = node.core.engine().scheduler();
             let bm = s.block_manager();
             self.stats.blocks_held_at_end += (bm.total_blocks() - bm.free_blocks()) as u64;
             self.stats.sequences_at_end += s.num_sequences() as u64;
+            let cs = node.core.stats();
+            self.stats.steps += cs.steps;
+            self.stats.stalled_steps += cs.stalled_steps;
+            self.stats.migration_messages_refused += cs.messages_refused;
+            self.stats.migrations_not_started += cs.migrations_not_started;
         }
+        let c = self.controller.stats();
+        self.stats.priority_calls = c.priority_calls;
+        self.stats.dispatch_calls = c.dispatch_calls;
+        self.stats.dispatch_redirects = c.redirects;
+        self.stats.migration_plan_calls = c.plan_calls;
+        self.stats.migration_choose_calls = c.choose_calls;
+        self.stats.migrations_planned = c.migrations_planned;
+        self.stats.migrations_started = c.migrations_started;
+        self.stats.migrations_skipped = c.migrations_skipped;
+        self.stats.scale_ups = c.scale_ups;
+        self.stats.drains = c.drains;
+        self.stats.removals = c.stops;
+        self.stats.snapshots = c.snapshots;
+        self.stats.policy_failures = self.failures.count;
+        self.stats.first_policy_failure = self.failures.first.take();
         let records = self
             .workload
             .iter()
@@ -517,347 +473,219 @@ impl<'a> World<'a> {
 
     // ----- instances -----
 
-    fn add_instance(&mut self) -> u32 {
-        let id = self.instances.len() as u32;
+    /// A new instance `id` (ids are dense: the controller hands them out in
+    /// order).
+    fn add_node(&mut self, id: u32, phase: Phase) {
+        assert_eq!(id as usize, self.nodes.len(), "instance ids are dense");
         let block_header = 8 + 8 * self.cfg.profile.block_size();
         let backend = LatencyModelBackend::new(self.cfg.profile.clone())
             .with_kv_bytes_per_block(block_header)
             .without_kv_contents();
         let engine = Engine::new(self.cfg.scheduler.clone(), backend)
             .expect("the scheduler configuration was validated");
-        self.instances.push(Instance {
-            engine,
-            phase: Phase::Starting,
+        let config = CoreConfig {
+            migration: self.cfg.migration_protocol.clone(),
+            idle_publish_us: None,
+            ..CoreConfig::default()
+        };
+        self.nodes.push(Node {
+            core: InstanceCore::new(id, engine, config),
             created_us: self.now,
-            busy: false,
-            mailbox: VecDeque::new(),
-            outgoing: BTreeMap::new(),
-            incoming: DestinationMigration::new(self.cfg.migration_protocol.clone()),
-            last_load: None,
-            last_publish_us: 0,
-            counts_before: (0, 0),
+            removed: false,
             timer_at: None,
-            migrating: 0,
         });
-        let existing = self
-            .instances
-            .iter()
-            .filter(|i| i.phase != Phase::Removed)
-            .count() as u32;
+        if phase == Phase::Starting && self.controller.phase(id).is_none() {
+            self.controller.add_instance(id, Phase::Starting, true);
+        }
+        let existing = self.nodes.iter().filter(|n| !n.removed).count() as u32;
         self.stats.max_instances = self.stats.max_instances.max(existing);
-        id
     }
 
     /// A started instance serves: its first snapshot goes to the policies
     /// (the llumlet publishes once when its loop starts).
-    fn ready(&mut self, id: u32) {
-        let inst = &mut self.instances[id as usize];
-        if inst.phase != Phase::Starting {
-            return;
+    fn ready(&mut self, id: u32) -> Result<()> {
+        if self.controller.phase(id) != Some(Phase::Starting) {
+            return Ok(());
         }
-        inst.phase = Phase::Serving;
-        self.publish(id);
+        with_decide!(self, d, self.controller.instance_ready(&mut d, id));
+        self.nodes[id as usize].core.publish(self.now);
+        self.drain_outputs(id)
     }
 
-    fn publish(&mut self, id: u32) {
-        let now = self.now;
-        let inst = &mut self.instances[id as usize];
-        let mut load = inst.engine.load(id, now);
-        load.draining |= inst.phase == Phase::Draining;
-        inst.last_load = Some(load);
-        inst.last_publish_us = now;
-        self.runtime.observe(load);
-        self.stats.snapshots += 1;
-    }
-
-    /// Publishes after a turn without a step, if the load changed.
-    fn publish_if_changed(&mut self, id: u32) {
-        let inst = &self.instances[id as usize];
-        if inst.phase == Phase::Starting || inst.phase == Phase::Removed {
-            return;
+    /// An input for an instance; an instance without a step in flight
+    /// takes a turn at once.
+    fn input(&mut self, id: u32, input: Input) -> Result<()> {
+        let node = &mut self.nodes[id as usize];
+        if node.removed {
+            bail!("an input for removed instance {id}: {input:?}");
         }
-        let mut load = inst.engine.load(id, 0);
-        load.draining |= inst.phase == Phase::Draining;
-        let same = inst.last_load.is_some_and(|mut l| {
-            l.timestamp_us = 0;
-            l == load
-        });
-        if !same {
-            self.publish(id);
-        }
-    }
-
-    /// Something for an instance's mailbox; an idle instance takes a turn.
-    fn deliver(&mut self, id: u32, cmd: Command) -> Result<()> {
-        let inst = &mut self.instances[id as usize];
-        if inst.phase == Phase::Removed {
-            bail!("a message for removed instance {id}: {cmd:?}");
-        }
-        inst.mailbox.push_back(cmd);
-        if !inst.busy {
+        node.core.input(input);
+        if !node.core.is_stepping() {
             self.turn(id)?;
         }
         Ok(())
     }
 
-    /// The llumlet's loop body: mailbox, timeouts, one step.
+    /// A migration message arrives. One for a stopped instance is lost, as
+    /// on a network (a stopped instance held no request and no migration).
+    fn deliver(&mut self, to: u32, from: u32, message: Message) -> Result<()> {
+        self.stats.migration_messages += 1;
+        if self.nodes[to as usize].removed {
+            return Ok(());
+        }
+        self.input(
+            to,
+            Input::Message {
+                peer: from,
+                message,
+            },
+        )
+    }
+
+    /// One turn of instance `id`; a step it begins ends at its modelled end.
     fn turn(&mut self, id: u32) -> Result<()> {
         let now = self.now;
-        let before_commands = self.instances[id as usize].counts();
-        while let Some(cmd) = self.instances[id as usize].mailbox.pop_front() {
-            self.apply(id, cmd)?;
+        let turn = self.nodes[id as usize].core.turn(now);
+        if let Turn::Stepping { ends_us } = turn {
+            self.busy += 1;
+            self.push(ends_us, EventKind::StepEnd(id));
         }
-        self.timeouts(id)?;
-        let inst = &mut self.instances[id as usize];
-        if inst.engine.scheduler().is_idle() {
-            self.publish_if_changed(id);
-        } else {
-            // As the llumlet: new requests are published before the step.
-            if inst.counts() != before_commands && inst.phase != Phase::Starting {
-                self.publish(id);
-            }
-            let inst = &mut self.instances[id as usize];
-            inst.counts_before = inst.counts();
-            let report = inst
-                .engine
-                .step(now)
-                .map_err(|e| anyhow!("instance {id}: engine step at {now} us: {e}"))?;
-            if report.batch_size == 0 {
-                // Nothing fits (blocks reserved by an incoming migration):
-                // the llumlet waits for news, so does the instance.
-                self.stats.stalled_steps += 1;
-                self.publish_if_changed(id);
-            } else {
-                self.stats.steps += 1;
-                let end = now + report.duration_us;
-                for &p in &report.preempted {
-                    let r = &mut self.reqs[p as usize];
-                    r.preemptions += 1;
-                    r.evicted_at.get_or_insert(now);
-                    self.stats.preemptions += 1;
-                }
-                for ev in &report.events {
-                    match *ev {
-                        SeqEvent::Token { seq, index, .. } => {
-                            let r = &mut self.reqs[seq as usize];
-                            if index == 0 {
-                                r.first_token_us.get_or_insert(end);
-                            }
-                            if let Some(at) = r.evicted_at.take() {
-                                r.preemption_loss_us += end - at;
-                            }
-                        }
-                        SeqEvent::Finished {
-                            seq, output_tokens, ..
-                        } => {
-                            let r = &mut self.reqs[seq as usize];
-                            if r.done {
-                                bail!("request {seq} finished twice (again on instance {id})");
-                            }
-                            r.finish_us = Some(end);
-                            r.output_tokens = output_tokens;
-                            r.done = true;
-                            self.done += 1;
-                        }
-                    }
-                }
-                let inst = &mut self.instances[id as usize];
-                inst.busy = true;
-                self.busy += 1;
-                self.push(end, EventKind::StepEnd(id));
-            }
-        }
+        self.drain_outputs(id)?;
         self.arm_timer(id);
         Ok(())
     }
 
     fn step_end(&mut self, id: u32) -> Result<()> {
-        let now = self.now;
-        let inst = &mut self.instances[id as usize];
-        inst.busy = false;
         self.busy -= 1;
-        // The outgoing migrations see the step (a request that finished or
-        // was preempted aborts its migration).
-        if !inst.outgoing.is_empty() {
-            let mut ids = std::mem::take(&mut self.scratch);
-            ids.clear();
-            ids.extend(inst.outgoing.keys().copied());
-            for &mid in &ids {
-                let inst = &mut self.instances[id as usize];
-                let Some(o) = inst.outgoing.get_mut(&mid) else {
-                    continue;
-                };
-                let out = o.sm.on_engine_step(&mut inst.engine, now);
-                let dest = o.destination;
-                for m in out {
-                    self.send(id, dest, false, m);
-                }
-                self.settle(id, mid)?;
-            }
-            self.scratch = ids;
+        self.nodes[id as usize].core.end_step(self.now);
+        self.drain_outputs(id)?;
+        self.turn(id)
+    }
+
+    /// Makes sure a `Timer` event fires at the instance's next deadline.
+    fn arm_timer(&mut self, id: u32) {
+        let node = &mut self.nodes[id as usize];
+        let Some(d) = node.core.poll_timeout() else {
+            return;
+        };
+        if node.timer_at.is_none_or(|t| d < t) {
+            node.timer_at = Some(d);
+            self.push(d, EventKind::Timer(id));
         }
-        let inst = &self.instances[id as usize];
-        if inst.counts() != inst.counts_before || now >= inst.last_publish_us + MIN_PUBLISH_GAP_US {
-            self.publish(id);
+    }
+
+    fn timer(&mut self, id: u32) -> Result<()> {
+        let node = &mut self.nodes[id as usize];
+        if node.timer_at != Some(self.now) {
+            return Ok(()); // superseded
+        }
+        node.timer_at = None;
+        if node.removed || node.core.is_stepping() {
+            // The turn at the step's end runs the timeouts and re-arms.
+            return Ok(());
         }
         self.turn(id)
     }
 
-    fn apply(&mut self, id: u32, cmd: Command) -> Result<()> {
+    /// Carries instance `id`'s messages onto the network and its events
+    /// into the records and the controller.
+    fn drain_outputs(&mut self, id: u32) -> Result<()> {
+        while let Some(t) = self.nodes[id as usize].core.poll_transmit() {
+            self.send(id, t.peer, t.to_source(), t.message);
+        }
+        while let Some(event) = self.nodes[id as usize].core.poll_event() {
+            self.on_event(id, event)?;
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, id: u32, event: CoreEvent) -> Result<()> {
         let now = self.now;
-        match cmd {
-            Command::Assign {
-                seq,
-                priority,
-                headroom_blocks,
-            } => {
-                let spec = self.workload[seq as usize];
-                let request = Request {
-                    id: seq,
-                    prompt: vec![PROMPT_TOKEN; spec.prompt_tokens as usize],
-                    sampling: SamplingParams {
-                        seed: mix(self.cfg.seed ^ mix(seq)),
-                        ..SamplingParams::greedy(spec.output_tokens)
-                    },
-                    priority,
-                    headroom_blocks,
-                    arrival_us: spec.arrival_us,
-                };
-                if let Err(e) = self.instances[id as usize].engine.add(request, now) {
-                    self.stats.rejected_requests += 1;
-                    let r = &mut self.reqs[seq as usize];
-                    r.error = Some(e.to_string());
-                    if !r.done {
-                        r.done = true;
-                        self.done += 1;
-                    }
+        match event {
+            CoreEvent::Token { request, index, .. } => {
+                let r = &mut self.reqs[request as usize];
+                if index == 0 {
+                    r.first_token_us.get_or_insert(now);
+                }
+                if let Some(at) = r.evicted_at.take() {
+                    r.preemption_loss_us += now - at;
                 }
             }
-            Command::MigrateOut {
-                migration_id,
-                seq,
-                destination,
+            CoreEvent::Finished {
+                request,
+                output_tokens,
+                ..
             } => {
-                let inst = &mut self.instances[id as usize];
-                let here = inst.engine.scheduler().contains(seq);
-                let already = inst.outgoing.values().any(|o| o.sm.seq() == seq);
-                let mut sm =
-                    SourceMigration::new(self.cfg.migration_protocol.clone(), migration_id, seq);
-                let started = if here && !already {
-                    sm.start(&mut inst.engine, now).ok()
-                } else {
-                    None
-                };
-                match started {
-                    Some(out) => {
-                        inst.outgoing
-                            .insert(migration_id, Outgoing { sm, destination });
-                        self.outgoing += 1;
-                        for m in out {
-                            self.send(id, destination, false, m);
-                        }
-                    }
-                    None => {
-                        self.stats.migrations_not_started += 1;
-                        self.migration_ended(id, destination);
-                    }
+                let r = &mut self.reqs[request as usize];
+                if r.done {
+                    bail!("request {request} finished twice (again on instance {id})");
                 }
+                r.finish_us = Some(now);
+                r.output_tokens = output_tokens;
+                r.done = true;
+                self.done += 1;
             }
-            Command::FromDestination {
-                migration_id,
+            CoreEvent::Failed {
+                request,
+                kind,
                 message,
             } => {
-                let inst = &mut self.instances[id as usize];
-                if let Some(o) = inst.outgoing.get_mut(&migration_id) {
-                    let dest = o.destination;
-                    match o.sm.handle(&mut inst.engine, message, now) {
-                        Ok(out) => {
-                            for m in out {
-                                self.send(id, dest, false, m);
-                            }
-                        }
-                        Err(e @ MigrationError::Requeue(_)) => {
-                            bail!("instance {id}, migration {migration_id}: {e}")
-                        }
-                        // The llumlet logs and goes on (a timeout ends it).
-                        Err(_) => self.stats.migration_messages_refused += 1,
-                    }
-                    self.settle(id, migration_id)?;
+                if kind == FailKind::Invalid {
+                    self.stats.rejected_requests += 1;
+                }
+                let r = &mut self.reqs[request as usize];
+                r.error = Some(message);
+                if !r.done {
+                    r.done = true;
+                    self.done += 1;
                 }
             }
-            Command::FromSource { source, message } => {
-                let inst = &mut self.instances[id as usize];
-                let out = inst.incoming.handle(&mut inst.engine, message, now);
-                while let Some(event) = inst.incoming.poll_event() {
-                    if let DestinationEvent::Committed { migration_id, .. } = event {
-                        self.committed_at.insert(migration_id, now);
-                    }
+            CoreEvent::Stranded(job) => {
+                // Placed again from its history, as the server's relay does.
+                self.stats.requests_replaced += 1;
+                self.place(*job)?;
+            }
+            CoreEvent::Preempted { request } => {
+                let r = &mut self.reqs[request as usize];
+                r.preemptions += 1;
+                r.evicted_at.get_or_insert(now);
+                self.stats.preemptions += 1;
+            }
+            CoreEvent::MovedIn { migration_id, .. } => {
+                self.committed_at.insert(migration_id, now);
+            }
+            CoreEvent::MovedOut { .. } | CoreEvent::MoveInRevoked { .. } => {}
+            CoreEvent::MigrationEnded {
+                migration_id,
+                report,
+                ..
+            } => {
+                self.controller.migration_ended(migration_id);
+                self.fifo.remove(&(migration_id, false));
+                self.fifo.remove(&(migration_id, true));
+                let committed_at = self.committed_at.remove(&migration_id);
+                if let MigrationReport::Ended(outcome) = report {
+                    self.migration_outcome(&outcome, committed_at);
                 }
-                for m in out {
-                    self.send(id, source, true, m);
-                }
+            }
+            CoreEvent::Published(load) => {
+                with_decide!(self, d, self.controller.observe(&mut d, load));
+            }
+            CoreEvent::StepFailed { message } => {
+                self.step_failure
+                    .get_or_insert(format!("instance {id}: engine step at {now} us: {message}"));
             }
         }
         Ok(())
     }
 
-    /// Sends a migration message: it reaches `to`'s mailbox after the fixed
-    /// latency plus its KV at the migration bandwidth, never before an
-    /// earlier message of the same migration and direction.
-    fn send(&mut self, from: u32, to: u32, to_source: bool, message: Message) {
-        let blocks = match &message {
-            Message::Blocks { num_blocks, .. } | Message::Commit { num_blocks, .. } => {
-                u64::from(*num_blocks)
-            }
-            _ => 0,
-        };
-        let transfer = if blocks == 0 {
-            0
-        } else {
-            migration_time_us(blocks * self.kv_bytes_per_block, self.bandwidth)
-        };
-        let migration_id = message.migration_id();
-        let key = (migration_id, to_source);
-        let earliest = self.now + self.cfg.migration_message_latency_us + transfer;
-        let at = earliest.max(self.fifo.get(&key).copied().unwrap_or(0));
-        self.fifo.insert(key, at);
-        self.stats.migration_messages += 1;
-        self.stats.migration_blocks += blocks;
-        let cmd = if to_source {
-            Command::FromDestination {
-                migration_id,
-                message,
-            }
-        } else {
-            Command::FromSource {
-                source: from,
-                message,
-            }
-        };
-        self.push(at, EventKind::Deliver(to, Box::new(cmd)));
-    }
-
-    /// Retires an outgoing migration that reached its end (the llumlet's
-    /// `settle` and the manager's `migration_ended`).
-    fn settle(&mut self, id: u32, migration_id: MigrationId) -> Result<()> {
+    /// Records what an ended migration did to its request and the fleet.
+    fn migration_outcome(
+        &mut self,
+        outcome: &llumen_engine::MigrationOutcome,
+        committed_at: Option<u64>,
+    ) {
         let now = self.now;
-        let inst = &mut self.instances[id as usize];
-        let ended = inst
-            .outgoing
-            .get(&migration_id)
-            .is_some_and(|o| o.sm.state().is_terminal());
-        if !ended {
-            return Ok(());
-        }
-        let mut o = inst.outgoing.remove(&migration_id).expect("checked above");
-        self.outgoing -= 1;
-        if let Some(d) = o.sm.take_detached() {
-            bail!(
-                "instance {id}, migration {migration_id}: request {} was detached and could not be put back",
-                d.id
-            );
-        }
-        let outcome = o.sm.outcome().expect("a terminal migration has an outcome");
         let r = &mut self.reqs[outcome.seq as usize];
         match outcome.result {
             MigrationResult::Committed => {
@@ -865,7 +693,7 @@ impl<'a> World<'a> {
                 self.stats.migrations_committed += 1;
                 // The request's downtime: out of the source's batch at
                 // detach, in the destination's at its commit.
-                let committed = self.committed_at.remove(&migration_id).unwrap_or(now);
+                let committed = committed_at.unwrap_or(now);
                 let downtime = committed.saturating_sub(outcome.detached_us.unwrap_or(committed));
                 self.stats.migration_downtime_us_total += downtime;
                 self.stats.migration_downtime_us_max =
@@ -883,7 +711,6 @@ impl<'a> World<'a> {
                     MigrationResult::Committed => unreachable!(),
                 };
                 *self.stats.migration_abort_reasons.entry(why).or_default() += 1;
-                self.committed_at.remove(&migration_id);
                 self.stats.migrations_aborted += 1;
                 if requeued {
                     // Out of the batch since detach and back in the source's
@@ -895,94 +722,72 @@ impl<'a> World<'a> {
                 }
             }
         }
-        self.fifo.remove(&(migration_id, false));
-        self.fifo.remove(&(migration_id, true));
-        self.migration_ended(id, o.destination);
-        Ok(())
     }
 
-    /// The manager's per-instance migration count goes down.
-    fn migration_ended(&mut self, source: u32, destination: u32) {
-        for i in [source, destination] {
-            let m = &mut self.instances[i as usize].migrating;
-            *m = m.saturating_sub(1);
-        }
-    }
-
-    /// Migration deadlines that passed (the llumlet's `timeouts`).
-    fn timeouts(&mut self, id: u32) -> Result<()> {
-        let now = self.now;
-        let inst = &mut self.instances[id as usize];
-        if inst.next_deadline().is_none_or(|d| d > now) {
-            return Ok(());
-        }
-        let due: Vec<MigrationId> = inst
-            .outgoing
-            .iter()
-            .filter(|(_, o)| o.sm.poll_timeout().is_some_and(|d| d <= now))
-            .map(|(&m, _)| m)
-            .collect();
-        for mid in due {
-            let inst = &mut self.instances[id as usize];
-            if let Some(o) = inst.outgoing.get_mut(&mid) {
-                let dest = o.destination;
-                match o.sm.handle_timeout(&mut inst.engine, now) {
-                    Ok(out) => {
-                        for m in out {
-                            self.send(id, dest, false, m);
-                        }
-                    }
-                    Err(e) => bail!("instance {id}, migration {mid}: timeout: {e}"),
-                }
+    /// Sends a migration message: it reaches `to` after the fixed latency
+    /// plus its KV at the migration bandwidth, never before an earlier
+    /// message of the same migration and direction.
+    fn send(&mut self, from: u32, to: u32, to_source: bool, message: Message) {
+        let blocks = match &message {
+            Message::Blocks { num_blocks, .. } | Message::Commit { num_blocks, .. } => {
+                u64::from(*num_blocks)
             }
-            self.settle(id, mid)?;
-        }
-        let inst = &mut self.instances[id as usize];
-        if inst.incoming.poll_timeout().is_some_and(|d| d <= now) {
-            inst.incoming.handle_timeout(&mut inst.engine, now);
-            while inst.incoming.poll_event().is_some() {}
-        }
-        Ok(())
-    }
-
-    /// Makes sure a `Timer` event fires at the instance's next deadline.
-    fn arm_timer(&mut self, id: u32) {
-        let inst = &mut self.instances[id as usize];
-        let Some(d) = inst.next_deadline() else {
-            return;
+            _ => 0,
         };
-        if inst.timer_at.is_none_or(|t| d < t) {
-            inst.timer_at = Some(d);
-            self.push(d, EventKind::Timer(id));
-        }
+        let transfer = if blocks == 0 {
+            0
+        } else {
+            migration_time_us(blocks * self.kv_bytes_per_block, self.bandwidth)
+        };
+        let key = (message.migration_id(), to_source);
+        let earliest = self.now + self.cfg.migration_message_latency_us + transfer;
+        let at = earliest.max(self.fifo.get(&key).copied().unwrap_or(0));
+        self.fifo.insert(key, at);
+        self.stats.migration_blocks += blocks;
+        self.push(
+            at,
+            EventKind::Deliver {
+                to,
+                from,
+                message: Box::new(message),
+            },
+        );
     }
 
-    fn timer(&mut self, id: u32) -> Result<()> {
-        let inst = &mut self.instances[id as usize];
-        if inst.timer_at != Some(self.now) {
-            return Ok(()); // superseded
-        }
-        inst.timer_at = None;
-        if inst.phase == Phase::Removed {
+    // ----- the controller's rounds -----
+
+    /// Places a request (fresh or resumed) through the controller.
+    fn place(&mut self, job: Assign) -> Result<()> {
+        let seq = job.request;
+        let spec = self.workload[seq as usize];
+        let meta = RequestMeta {
+            id: seq,
+            prompt_tokens: spec.prompt_tokens,
+            max_tokens: spec.output_tokens,
+            requested_priority: u8::from(spec.high_priority),
+            priority: job.priority,
+            prefix_hash: mix(seq ^ 0x7072_6566_6978),
+            arrival_us: spec.arrival_us,
+        };
+        let target = with_decide!(
+            self,
+            d,
+            self.controller.place(&mut d, &meta, &BTreeSet::new())
+        );
+        let Some(target) = target else {
+            self.stats.rejected_requests += 1;
+            let r = &mut self.reqs[seq as usize];
+            r.error = Some("no instance accepts requests now".into());
+            if !r.done {
+                r.done = true;
+                self.done += 1;
+            }
             return Ok(());
-        }
-        if inst.busy {
-            // The turn at the step's end runs the timeouts and re-arms.
-            return Ok(());
-        }
-        self.turn(id)
+        };
+        self.input(target, Input::Assign(Box::new(job)))
     }
 
-    // ----- the global scheduler -----
-
-    fn serving(&self, id: u32) -> bool {
-        self.instances
-            .get(id as usize)
-            .is_some_and(|i| i.phase == Phase::Serving)
-    }
-
-    /// `Manager::submit`: priority policy, then dispatch policy; the
-    /// request is handed to the chosen instance at once.
+    /// `Manager::submit`: priority policy, then placement.
     fn arrival(&mut self) -> Result<()> {
         let seq = self.order[self.next_arrival];
         self.next_arrival += 1;
@@ -1000,173 +805,79 @@ impl<'a> World<'a> {
             prefix_hash: mix(u64::from(seq) ^ 0x7072_6566_6978),
             arrival_us: self.now,
         };
-        let priority = self.runtime.assign_priority(&meta);
-        self.stats.priority_calls += 1;
-        self.note(&priority);
-        meta.priority = priority.value.priority;
-        let decision = self.runtime.dispatch(&meta);
-        self.stats.dispatch_calls += 1;
-        self.note(&decision);
-        // As `choose_instance`: a target that does not serve is replaced by
-        // the first serving instance.
-        let target = match decision.value {
-            Some(t) if self.serving(t) => Some(t),
-            other => {
-                let fallback = (0..self.instances.len() as u32).find(|&i| self.serving(i));
-                if other.is_some() && fallback.is_some() {
-                    self.stats.dispatch_redirects += 1;
-                }
-                fallback
-            }
-        };
-        let Some(target) = target else {
-            self.stats.rejected_requests += 1;
-            let r = &mut self.reqs[seq as usize];
-            r.error = Some("no instance accepts requests now".into());
-            r.done = true;
-            self.done += 1;
-            return Ok(());
-        };
-        self.deliver(
-            target,
-            Command::Assign {
-                seq: u64::from(seq),
-                priority: meta.priority,
-                headroom_blocks: priority.value.headroom_blocks,
+        let priority = with_decide!(self, d, self.controller.prioritize(&mut d, &mut meta));
+        self.place(Assign {
+            request: u64::from(seq),
+            prompt: vec![PROMPT_TOKEN; spec.prompt_tokens as usize],
+            generated: Vec::new(),
+            sampling: SamplingParams {
+                seed: mix(self.cfg.seed ^ mix(u64::from(seq))),
+                ..SamplingParams::greedy(spec.output_tokens)
             },
-        )
+            priority: meta.priority,
+            headroom_blocks: priority.headroom_blocks,
+            arrival_us: spec.arrival_us,
+        })
     }
 
-    /// `Manager::migration_round`: the policy's pairs, its picks among the
-    /// source's running requests, started while the limits allow.
+    /// The migration round: the controller's orders go to the sources.
     fn migration_round(&mut self) -> Result<()> {
-        let plan = self.runtime.plan_migration();
-        self.stats.migration_plan_calls += 1;
-        self.note(&plan);
-        for pair in plan.value {
-            let Some(src) = self.instances.get(pair.source as usize) else {
-                continue;
-            };
-            if matches!(src.phase, Phase::Removed | Phase::Starting) {
-                continue;
-            }
-            let candidates = src.engine.migration_candidates();
-            let chosen = self.runtime.choose_migrations(pair, &candidates);
-            self.stats.migration_choose_calls += 1;
-            self.note(&chosen);
-            self.stats.migrations_planned += chosen.value.len() as u64;
-            for &request in &chosen.value {
-                if !self.start_migration(request, pair.source, pair.destination)? {
-                    break;
-                }
+        let pairs = with_decide!(self, d, self.controller.plan_migrations(&mut d));
+        for pair in pairs {
+            let candidates = self.nodes[pair.source as usize].core.migration_candidates();
+            let choice = with_decide!(
+                self,
+                d,
+                self.controller.choose_migrations(&mut d, pair, &candidates)
+            );
+            for o in choice.orders {
+                self.input(
+                    o.source,
+                    Input::MigrateOut {
+                        migration_id: o.migration_id,
+                        request: o.request,
+                        peer: o.destination,
+                    },
+                )?;
             }
         }
         Ok(())
     }
 
-    /// `Manager::start_migration`: false when the destination does not
-    /// serve or either side is at its migration limit.
-    fn start_migration(&mut self, seq: u64, source: u32, destination: u32) -> Result<bool> {
-        let max = self.cfg.max_migrations_per_instance;
-        let ok = source != destination
-            && self.serving(destination)
-            && self.instances.get(source as usize).is_some_and(|s| {
-                matches!(s.phase, Phase::Serving | Phase::Draining) && s.migrating < max
-            })
-            && self.instances[destination as usize].migrating < max;
-        if !ok {
-            self.stats.migrations_skipped += 1;
-            return Ok(false);
-        }
-        self.instances[source as usize].migrating += 1;
-        self.instances[destination as usize].migrating += 1;
-        let migration_id = self.next_migration;
-        self.next_migration += 1;
-        self.stats.migrations_started += 1;
-        self.deliver(
-            source,
-            Command::MigrateOut {
-                migration_id,
-                seq,
-                destination,
-            },
-        )?;
-        Ok(true)
-    }
-
-    /// `Manager::scaling_round`: the policy's decision within the bounds,
-    /// then drained instances that are empty are removed.
-    fn scaling_round(&mut self) {
+    /// The scaling round: the controller's actions, carried out.
+    fn scaling_round(&mut self) -> Result<()> {
         let Some(bounds) = self.cfg.scaling.clone() else {
-            return;
+            return Ok(());
         };
-        let decision = self.runtime.decide_scaling();
-        self.stats.scaling_calls += 1;
-        self.note(&decision);
-        let existing = |p: Phase| p != Phase::Removed;
-        let total = self.instances.iter().filter(|i| existing(i.phase)).count() as u32;
-        let serving = self
-            .instances
-            .iter()
-            .filter(|i| matches!(i.phase, Phase::Starting | Phase::Serving))
-            .count() as u32;
-        match decision.value {
-            ScalingDecision::Hold => {}
-            ScalingDecision::ScaleUp(n) => {
-                let room = bounds.max_instances.saturating_sub(total);
-                for _ in 0..n.min(room) {
-                    let id = self.add_instance();
-                    self.stats.scale_ups += 1;
-                    self.push(self.now + bounds.startup_delay_us, EventKind::Ready(id));
+        let actions = with_decide!(self, d, self.controller.scaling_round(&mut d));
+        for action in actions {
+            match action {
+                ScalingAction::Start { instance } => {
+                    self.add_node(instance, Phase::Starting);
+                    self.push(
+                        self.now + bounds.startup_delay_us,
+                        EventKind::Ready(instance),
+                    );
+                }
+                ScalingAction::Drain { instance } => {
+                    self.input(instance, Input::SetDraining(true))?;
+                }
+                ScalingAction::CancelDrain { instance } => {
+                    self.input(instance, Input::SetDraining(false))?;
+                }
+                ScalingAction::Stop { instance } => {
+                    let node = &mut self.nodes[instance as usize];
+                    if !node.core.is_empty() {
+                        bail!(
+                            "instance {instance} was stopped while it still held requests or migrations"
+                        );
+                    }
+                    node.removed = true;
+                    self.instance_us += u128::from(self.now - node.created_us);
                 }
             }
-            ScalingDecision::Drain(id) => {
-                if serving > bounds.min_instances && self.serving(id) {
-                    self.drain(id);
-                }
-            }
         }
-        // Stop drained instances that are empty (in the fleet view, and in
-        // fact: nothing in flight either).
-        for id in 0..self.instances.len() as u32 {
-            let inst = &self.instances[id as usize];
-            let empty_view = inst
-                .last_load
-                .is_some_and(|l| l.draining && l.running == 0 && l.waiting == 0);
-            let empty = inst.phase == Phase::Draining
-                && empty_view
-                && !inst.busy
-                && inst.mailbox.is_empty()
-                && inst.outgoing.is_empty()
-                && inst.incoming.num_incoming() == 0
-                && inst.migrating == 0
-                && inst.engine.scheduler().is_idle();
-            if empty {
-                self.remove(id);
-            }
-        }
-    }
-
-    /// `Manager::drain`: no new requests; the policies hear of it at once.
-    fn drain(&mut self, id: u32) {
-        let inst = &mut self.instances[id as usize];
-        inst.phase = Phase::Draining;
-        inst.engine.scheduler_mut().set_draining(true);
-        self.stats.drains += 1;
-        if let Some(mut load) = inst.last_load {
-            load.draining = true;
-            inst.last_load = Some(load);
-            self.runtime.observe(load);
-            self.stats.snapshots += 1;
-        }
-    }
-
-    fn remove(&mut self, id: u32) {
-        let inst = &mut self.instances[id as usize];
-        inst.phase = Phase::Removed;
-        self.instance_us += u128::from(self.now - inst.created_us);
-        self.runtime.remove_instance(id);
-        self.stats.removals += 1;
+        Ok(())
     }
 
     /// One fleet sample: instances, waiting demand, fragmentation, free blocks.
@@ -1175,15 +886,18 @@ impl<'a> World<'a> {
         let mut free_total = 0u64;
         let mut room_total = 0u64;
         let mut room_max = 0u64;
-        for inst in &self.instances {
-            if inst.phase == Phase::Removed {
+        let serving = |c: &Controller, id: usize| {
+            !matches!(c.phase(id as u32), None | Some(Phase::Starting))
+        };
+        for (id, node) in self.nodes.iter().enumerate() {
+            if node.removed {
                 continue;
             }
             instances += 1;
-            if inst.phase == Phase::Starting {
+            if !serving(&self.controller, id) {
                 continue;
             }
-            let bm = inst.engine.scheduler().block_manager();
+            let bm = node.core.engine().scheduler().block_manager();
             let free = bm.free_blocks() as u64;
             let room = free.saturating_sub(bm.watermark_blocks() as u64);
             free_total += free;
@@ -1192,11 +906,11 @@ impl<'a> World<'a> {
         }
         let mut waiting = 0u64;
         let mut fragmented = 0u64;
-        for inst in &self.instances {
-            if matches!(inst.phase, Phase::Removed | Phase::Starting) {
+        for (id, node) in self.nodes.iter().enumerate() {
+            if node.removed || !serving(&self.controller, id) {
                 continue;
             }
-            let s = inst.engine.scheduler();
+            let s = node.core.engine().scheduler();
             if s.num_waiting() == 0 {
                 continue;
             }

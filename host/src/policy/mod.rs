@@ -42,6 +42,7 @@
 mod bindings;
 mod clock;
 mod component;
+mod decide;
 mod error;
 mod history;
 mod latency;
@@ -63,6 +64,7 @@ use serde::Serialize;
 /// drive a [`LiveInstance`] directly, such as benchmarks).
 pub use bindings::{load_to_wit, request_to_wit, wit};
 pub use clock::{Clock, ManualClock};
+pub use decide::RuntimeDecide;
 pub use component::{componentize, CompiledPolicy, LiveInstance, PolicyEngine, PolicySha};
 pub use error::PolicyError;
 pub use history::{RecentHistory, SnapshotHistory, StoreHistory};
