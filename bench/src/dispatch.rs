@@ -28,7 +28,7 @@
 //! `choose_instance` must make none): the point is the scheduler path, not
 //! the engines behind it.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -296,7 +296,7 @@ fn run_scenario(
     warmup: usize,
     decisions: usize,
 ) -> Result<(Scenario, Vec<u32>)> {
-    let refused = HashSet::new();
+    let refused = BTreeSet::new();
     let manager = &fleet.manager;
     let choose = |i: usize| {
         let mut meta = requests[i % RING];

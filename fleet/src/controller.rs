@@ -189,6 +189,10 @@ pub struct ControllerConfig {
     /// Start the migrations the migration round chooses (else they are only
     /// asked for and counted as planned; default true).
     pub migrate: bool,
+    /// The first migration id handed out (default 1). The server starts at
+    /// its start time in µs, so ids stay unique across restarts for joined
+    /// instances that outlive a manager.
+    pub first_migration_id: MigrationId,
 }
 
 impl Default for ControllerConfig {
@@ -198,6 +202,7 @@ impl Default for ControllerConfig {
             min_instances: 1,
             max_instances: 1,
             migrate: true,
+            first_migration_id: 1,
         }
     }
 }
@@ -446,11 +451,11 @@ impl Controller {
     /// A controller with no instances.
     pub fn new(config: ControllerConfig) -> Self {
         Self {
+            next_migration: config.first_migration_id.max(1),
             config,
             instances: BTreeMap::new(),
             migrations: BTreeMap::new(),
             next_instance: 0,
-            next_migration: 1,
             drain_seq: 0,
             stats: ControllerStats::default(),
         }
@@ -589,6 +594,19 @@ impl Controller {
     /// Whether the scaling round may drain `id` (`None`: unknown).
     pub fn drainable(&self, id: InstanceId) -> Option<bool> {
         self.instances.get(&id).map(|m| m.drainable)
+    }
+
+    /// Says whether the scaling round may drain `id` (the server knows
+    /// whether an instance is its own only once its link registers).
+    /// False when `id` is unknown.
+    pub fn set_drainable(&mut self, id: InstanceId, drainable: bool) -> bool {
+        match self.instances.get_mut(&id) {
+            Some(m) => {
+                m.drainable = drainable;
+                true
+            }
+            None => false,
+        }
     }
 
     /// The latest load of `id` as the controller keeps it: marked draining

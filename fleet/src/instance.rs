@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use llumen_engine::{
     AbortReason, DestinationEvent, DestinationMigration, DetachedSequence, Engine, MigrationConfig,
     MigrationError, MigrationId, MigrationMessage, MigrationOutcome, ModelBackend, Request,
-    SamplingParams, SeqEvent, SourceEvent, SourceMigration, StepReport, TokenId,
+    SamplingParams, SeqEvent, SourceEvent, SourceMigration, SourceState, StepReport, TokenId,
 };
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate};
 
@@ -321,15 +321,24 @@ pub struct InstanceCore<B: ModelBackend> {
 }
 
 impl<B: ModelBackend> InstanceCore<B> {
-    /// Instance `id` around `engine`. Nothing is published until the first
-    /// [`publish`](Self::publish) or turn.
+    /// Instance `id` around `engine`. Requests already in the engine (a
+    /// bench installs them directly) are served here like assigned ones.
+    /// Nothing is published until the first [`publish`](Self::publish) or
+    /// turn.
     pub fn new(id: u32, engine: Engine<B>, config: CoreConfig) -> Self {
+        let s = engine.scheduler();
+        let live = s
+            .running_ids()
+            .into_iter()
+            .chain(s.waiting_ids())
+            .map(|request| (request, Live { queue_us: None }))
+            .collect();
         Self {
             id,
             incoming: DestinationMigration::new(config.migration.clone()),
             config,
             engine,
-            live: HashMap::new(),
+            live,
             draining: false,
             mailbox: VecDeque::new(),
             outgoing: BTreeMap::new(),
@@ -460,23 +469,39 @@ impl<B: ModelBackend> InstanceCore<B> {
         self.events.push_back(CoreEvent::Published(load));
     }
 
+    /// The first half of a turn alone: the queued inputs in order and due
+    /// timeouts, no step. For a driver that must see what the inputs did
+    /// before the step begins (the migration bench stamps a commit); the
+    /// turn that follows finds nothing left to apply.
+    ///
+    /// Panics if a step is in flight.
+    pub fn apply_inputs(&mut self, now_us: u64) {
+        assert!(
+            self.pending.is_none(),
+            "instance {}: inputs applied while a step is in flight",
+            self.id
+        );
+        while let Some(input) = self.mailbox.pop_front() {
+            self.apply(input, now_us);
+        }
+        self.handle_timeout(now_us);
+    }
+
+    /// The state of outgoing migration `migration_id`, while it runs (for
+    /// measurements: whether the request is still decoding here).
+    pub fn outgoing_state(&self, migration_id: MigrationId) -> Option<SourceState> {
+        self.outgoing.get(&migration_id).map(|o| o.sm.state())
+    }
+
     /// One turn: the queued inputs in order, due timeouts, a snapshot if
     /// the request counts changed (before the step, so that dispatch sees
     /// new requests at once), then an engine step if there is work.
     ///
     /// Panics if a step is in flight.
     pub fn turn(&mut self, now_us: u64) -> Turn {
-        assert!(
-            self.pending.is_none(),
-            "instance {}: a turn while a step is in flight",
-            self.id
-        );
         self.stats.turns += 1;
         let before = self.counts();
-        while let Some(input) = self.mailbox.pop_front() {
-            self.apply(input, now_us);
-        }
-        self.handle_timeout(now_us);
+        self.apply_inputs(now_us);
         if self.engine.scheduler().is_idle() {
             self.publish_if_changed(now_us);
             return Turn::Idle;

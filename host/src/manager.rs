@@ -1,11 +1,15 @@
 //! The manager: the global scheduler and the request relays.
 //!
-//! Owns the fleet (in-process llumlets and joined instances behind
-//! [`InstanceLink`]), request ids, dispatch on arrival through the policy
-//! runtime, the relay task of every request (tokens from whichever instance
-//! serves it, in order, once each, to the client; re-dispatch from prompt +
-//! tokens so far when an instance is lost), the periodic migration and
-//! scaling rounds, and feeding snapshots to the policies, sled and metrics.
+//! Owns the links to the fleet (in-process llumlets and joined instances
+//! behind [`InstanceLink`]), request ids, the relay task of every request
+//! (tokens from whichever instance serves it, in order, once each, to the
+//! client; re-dispatch from prompt + tokens so far when an instance is
+//! lost), the timers of the periodic migration and scaling rounds, the
+//! migration transport, and feeding snapshots to sled and metrics. The
+//! decisions themselves (placement, the migration round's orders and
+//! limits, the scaling round's actions, which instances exist and in what
+//! phase) are the fleet core's [`Controller`], the code the simulator runs;
+//! the manager carries them out.
 //!
 //! Invariants: a request accepted by [`Manager::submit`] ends with exactly
 //! one `Finished` or `Error` event on its stream (or is cancelled by its
@@ -13,17 +17,21 @@
 //! Finished. A removed instance's late snapshots are ignored.
 //!
 //! API boundary: instances are reached only through [`InstanceLink`];
-//! policies only through [`PolicyRuntime`]'s decision calls; sled only
-//! through `llumen-store`. It never parses bytes from the network.
+//! policies only through the [`Controller`] asking [`RuntimeDecide`]; sled
+//! only through `llumen-store`. It never parses bytes from the network.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
-use llumen_policy_logic::{InstanceLoad, MigrationCandidate, RequestMeta, ScalingDecision};
+use llumen_fleet::{
+    Controller, ControllerConfig, InstancePhase, ManualMigrationError, MigrationNotStarted,
+    MigrationOrder, ScalingAction,
+};
+use llumen_policy_logic::{InstanceLoad, MigrationCandidate, RequestMeta};
 use llumen_store::{JournalEvent, JournalOutcome, Store};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -39,9 +47,9 @@ use crate::llumlet::{
 use crate::metrics::Metrics;
 use crate::migration::MigrationTransport;
 use crate::model::TextCodec;
-use crate::policy::{DecisionSource, PolicyKind, PolicyRuntime, SlotStatus};
+use crate::policy::{DecisionSource, PolicyKind, PolicyRuntime, RuntimeDecide, SlotStatus};
 use crate::protocol::Assignment;
-use crate::shadow::{ShadowAnswer, ShadowInput, Shadows};
+use crate::shadow::Shadows;
 
 /// A way to reach one instance.
 pub trait InstanceLink: Send + Sync + 'static {
@@ -228,7 +236,6 @@ pub struct MigrationStats {
 
 struct InstanceEntry {
     link: Arc<dyn InstanceLink>,
-    draining: bool,
     joined_us: u64,
     /// The endpoint that takes migrations into it (`None`: this manager's).
     migration_addr: Option<std::net::SocketAddr>,
@@ -299,11 +306,13 @@ struct Inner {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     codec: Arc<TextCodec>,
+    /// The links of registered instances.
     instances: RwLock<BTreeMap<u32, InstanceEntry>>,
-    /// Ids handed out and not removed: their snapshots are taken even
-    /// before `register` (an instance publishes as soon as it starts).
-    live_ids: RwLock<HashSet<u32>>,
-    next_instance: AtomicU32,
+    /// The fleet core's decisions: which instances exist and in what phase
+    /// (an id handed out is `Starting` until its link registers; its
+    /// snapshots are kept from the start), placement, migration and scaling
+    /// rounds. Locked for one decision at a time, never across an await.
+    controller: Mutex<Controller>,
     next_request: AtomicU64,
     in_flight: AtomicU64,
     accepted: AtomicU64,
@@ -314,9 +323,6 @@ struct Inner {
     interrupted: Vec<u64>,
     routes: Arc<RouteTable>,
     transport: std::sync::OnceLock<(Arc<MigrationTransport>, std::net::SocketAddr)>,
-    /// Migrations in flight per instance (in or out).
-    migrating: Mutex<BTreeMap<u32, usize>>,
-    next_migration: AtomicU64,
     migration_stats: Mutex<MigrationStats>,
 }
 
@@ -387,6 +393,15 @@ impl Manager {
                 tracing::error!(error = %e, "flushing the request journal");
             }
         }
+        let controller = Controller::new(ControllerConfig {
+            max_migrations_per_instance: u32::try_from(config.max_migrations_per_instance)
+                .unwrap_or(u32::MAX),
+            min_instances: u32::try_from(config.min_instances).unwrap_or(u32::MAX),
+            max_instances: u32::try_from(config.max_instances).unwrap_or(u32::MAX),
+            migrate: config.migrate,
+            // Unique across restarts (joined instances may outlive a run).
+            first_migration_id: started_us,
+        });
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -396,8 +411,7 @@ impl Manager {
                 metrics,
                 codec,
                 instances: RwLock::new(BTreeMap::new()),
-                live_ids: RwLock::new(HashSet::new()),
-                next_instance: AtomicU32::new(0),
+                controller: Mutex::new(controller),
                 // Request ids start at the clock (µs since the epoch) so ids
                 // stay unique in the journal across restarts.
                 next_request: AtomicU64::new(started_us),
@@ -409,8 +423,6 @@ impl Manager {
                 interrupted,
                 routes: Arc::new(RouteTable::default()),
                 transport: std::sync::OnceLock::new(),
-                migrating: Mutex::new(BTreeMap::new()),
-                next_migration: AtomicU64::new(started_us),
                 migration_stats: Mutex::new(MigrationStats::default()),
             }),
         }
@@ -442,30 +454,44 @@ impl Manager {
         })
     }
 
-    /// Reserves the next instance id.
+    /// The policies' side of the controller's questions (shadows fed).
+    fn decide(&self) -> RuntimeDecide<'_> {
+        RuntimeDecide::new(&self.inner.runtime).with_shadows(&self.inner.shadows)
+    }
+
+    /// Reserves the next instance id: the instance is `Starting` (its
+    /// snapshots are kept, not shown to the policies) until it registers.
     pub fn next_instance_id(&self) -> u32 {
-        let id = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
-        write(&self.inner.live_ids).insert(id);
+        let mut c = lock(&self.inner.controller);
+        let id = c.allocate_instance_id();
+        c.add_instance(id, InstancePhase::Starting, false);
         id
     }
 
     /// Starts one more in-process instance.
     pub fn add_local_instance(&self) -> Result<u32, String> {
-        let factory = self
-            .inner
-            .factory
-            .as_ref()
-            .ok_or("this manager cannot start in-process instances")?;
         let id = self.next_instance_id();
-        let link = match factory(id, self.load_sink(), self.routes()) {
-            Ok(link) => link,
-            Err(e) => {
-                write(&self.inner.live_ids).remove(&id);
-                return Err(e);
-            }
-        };
-        self.register(id, link, None);
+        self.start_local_instance(id)?;
         Ok(id)
+    }
+
+    /// Starts in-process instance `id` (reserved, `Starting`); forgets the
+    /// id if it cannot start.
+    fn start_local_instance(&self, id: u32) -> Result<(), String> {
+        let started = match &self.inner.factory {
+            Some(factory) => factory(id, self.load_sink(), self.routes()),
+            None => Err("this manager cannot start in-process instances".into()),
+        };
+        match started {
+            Ok(link) => {
+                self.register(id, link, None);
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.inner.controller).remove_instance(&mut self.decide(), id);
+                Err(e)
+            }
+        }
     }
 
     /// Adds an instance under a reserved id; `migration_addr` is the
@@ -477,24 +503,29 @@ impl Manager {
         migration_addr: Option<std::net::SocketAddr>,
     ) {
         tracing::info!(instance = id, kind = link.kind(), "instance joined");
+        // Only in-process instances are drained by the scaling round: a
+        // joined instance's life belongs to whoever started it.
+        let local = link.kind() == "local";
         write(&self.inner.instances).insert(
             id,
             InstanceEntry {
                 link,
-                draining: false,
                 joined_us: clock::now_us(),
                 migration_addr,
             },
         );
+        let mut c = lock(&self.inner.controller);
+        c.add_instance(id, InstancePhase::Starting, local);
+        c.set_drainable(id, local);
+        c.instance_ready(&mut self.decide(), id);
     }
 
     /// Removes an instance: its requests' channels close and their relays
     /// place them again.
     pub fn remove_instance(&self, id: u32) {
-        let was_live = write(&self.inner.live_ids).remove(&id);
-        if was_live {
-            // No snapshot of `id` can be observed from here on.
-            self.inner.runtime.remove_instance(id);
+        // No snapshot of `id` is observed from here on.
+        let known = lock(&self.inner.controller).remove_instance(&mut self.decide(), id);
+        if known.is_some() {
             self.inner.metrics.remove_instance(id);
         }
         let entry = write(&self.inner.instances).remove(&id);
@@ -526,21 +557,9 @@ impl Manager {
         read(&self.inner.instances).keys().copied().collect()
     }
 
-    /// Marks an instance draining: no new requests; it stops once empty.
-    pub fn drain(&self, id: u32) -> bool {
-        let mut instances = write(&self.inner.instances);
-        let Some(entry) = instances.get_mut(&id) else {
-            return false;
-        };
-        entry.draining = true;
-        entry.link.set_draining(true);
-        drop(instances);
-        // Tell the policies at once, not at the next snapshot.
-        if let Some(mut load) = self.inner.runtime.fleet().get(id).copied() {
-            load.draining = true;
-            self.inner.runtime.observe(load);
-        }
-        true
+    /// The link of registered instance `id`.
+    fn link(&self, id: u32) -> Option<Arc<dyn InstanceLink>> {
+        read(&self.inner.instances).get(&id).map(|e| e.link.clone())
     }
 
     /// Writes buffered snapshots and journal events to sled.
@@ -562,12 +581,18 @@ impl Manager {
     /// Status for `llumen status`.
     pub fn status(&self) -> StatusReport {
         let fleet = self.inner.runtime.fleet();
+        let draining: BTreeSet<u32> = {
+            let c = lock(&self.inner.controller);
+            c.instance_ids()
+                .filter(|&id| c.phase(id) == Some(InstancePhase::Draining))
+                .collect()
+        };
         let instances = read(&self.inner.instances)
             .iter()
             .map(|(&id, e)| InstanceStatus {
                 instance: id,
                 kind: e.link.kind(),
-                draining: e.draining,
+                draining: draining.contains(&id),
                 joined_us: e.joined_us,
                 load: fleet.get(id).map(InstanceLoadView::from),
             })
@@ -624,49 +649,44 @@ impl Manager {
         });
     }
 
-    /// One migration round: the policy's pairs and, per pair, the requests
-    /// it would move. (Executing them is live migration's job; until then
-    /// the round is computed, counted and logged.)
+    /// One migration round: the controller's pairs and, per pair, the
+    /// requests the policy picks among the source's candidates; those the
+    /// controller starts (within the per-instance limits) are carried out.
+    /// Returns (source, destination, picks) per pair.
     pub async fn migration_round(&self) -> Vec<(u32, u32, Vec<u64>)> {
         self.inner.routes.sweep(clock::now_us());
-        let plan = self.inner.runtime.plan_migration();
-        self.inner.shadows.feed(
-            PolicyKind::Migration,
-            ShadowInput::Plan,
-            ShadowAnswer::Plan(plan.value.clone()),
-            || self.inner.runtime.fleet(),
-        );
+        let pairs = lock(&self.inner.controller).plan_migrations(&mut self.decide());
         let mut out = Vec::new();
-        for pair in plan.value {
-            let link = read(&self.inner.instances)
-                .get(&pair.source)
-                .map(|e| e.link.clone());
-            let Some(link) = link else { continue };
+        for pair in pairs {
+            let Some(link) = self.link(pair.source) else {
+                continue;
+            };
             let candidates = link.candidates().await;
-            let chosen = self
-                .inner
-                .runtime
-                .choose_migrations(pair, &candidates)
-                .value;
-            if !chosen.is_empty() {
+            let choice = lock(&self.inner.controller).choose_migrations(
+                &mut self.decide(),
+                pair,
+                &candidates,
+            );
+            if !choice.chosen.is_empty() {
                 self.inner
                     .metrics
-                    .migrations("planned", chosen.len() as u64);
+                    .migrations("planned", choice.chosen.len() as u64);
                 tracing::debug!(
                     source = pair.source,
                     destination = pair.destination,
-                    requests = ?chosen,
+                    requests = ?choice.chosen,
                     "migration round: requests chosen to move"
                 );
-                if self.inner.config.migrate {
-                    for &request in &chosen {
-                        if !self.start_migration(request, pair.source, pair.destination) {
-                            break;
-                        }
-                    }
+            }
+            for order in choice.orders {
+                if !self.carry_out(order) {
+                    break;
                 }
             }
-            out.push((pair.source, pair.destination, chosen));
+            if let Some((request, why)) = &choice.refused {
+                self.note_not_started(*request, pair.source, pair.destination, why);
+            }
+            out.push((pair.source, pair.destination, choice.chosen));
         }
         out
     }
@@ -677,49 +697,65 @@ impl Manager {
         let _ = self.inner.transport.set((transport, addr));
     }
 
-    /// Starts migrating `request` from `source` to `destination` unless one
-    /// of them already has `max_migrations_per_instance` in flight or
-    /// either is not an in-process instance. False when it did not start.
+    /// Starts migrating `request` from `source` to `destination` unless the
+    /// controller refuses (a side at its limit, a destination not serving…)
+    /// or the manager cannot reach them. False when it did not start.
     pub fn start_migration(&self, request: u64, source: u32, destination: u32) -> bool {
-        let Some((transport, addr)) = self.inner.transport.get() else {
-            return false;
-        };
-        let (src, dst_addr) = {
-            let instances = read(&self.inner.instances);
-            match (instances.get(&source), instances.get(&destination)) {
-                (Some(s), Some(d)) if !d.draining => {
-                    let addr = match (&d.migration_addr, d.link.kind()) {
-                        (Some(a), _) => *a,
-                        (None, "local") => *addr,
-                        (None, _) => return false,
-                    };
-                    (s.link.clone(), addr)
-                }
-                _ => return false,
+        let order = lock(&self.inner.controller).start_migration(request, source, destination);
+        match order {
+            Ok(order) => self.carry_out(order),
+            Err(why) => {
+                self.note_not_started(request, source, destination, &why);
+                false
             }
-        };
-        {
-            let max = self.inner.config.max_migrations_per_instance;
-            let mut busy = lock(&self.inner.migrating);
-            if busy.get(&source).copied().unwrap_or(0) >= max
-                || busy.get(&destination).copied().unwrap_or(0) >= max
-            {
-                return false;
-            }
-            *busy.entry(source).or_default() += 1;
-            *busy.entry(destination).or_default() += 1;
         }
-        let id = self.inner.next_migration.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn note_not_started(&self, request: u64, source: u32, destination: u32, why: &MigrationNotStarted) {
+        lock(&self.inner.migration_stats).not_started += 1;
+        tracing::debug!(request, source, destination, why = %why, "migration did not start");
+    }
+
+    /// Carries out a migration the controller started: the source's link
+    /// opens a stream to the destination's endpoint. False (and the
+    /// migration ended in the controller's books) when it cannot.
+    fn carry_out(&self, order: MigrationOrder) -> bool {
+        let MigrationOrder {
+            migration_id,
+            request,
+            source,
+            destination,
+        } = order;
         lock(&self.inner.migration_stats).started += 1;
-        let done = match src.migrate_out(id, request, destination, dst_addr, transport) {
+        let route = || -> Result<_, String> {
+            let (transport, addr) = self
+                .inner
+                .transport
+                .get()
+                .ok_or("this manager has no migration transport")?;
+            let instances = read(&self.inner.instances);
+            let src = instances
+                .get(&source)
+                .ok_or_else(|| format!("instance {source} has no link"))?;
+            let dst = instances
+                .get(&destination)
+                .ok_or_else(|| format!("instance {destination} has no link"))?;
+            let dst_addr = match (&dst.migration_addr, dst.link.kind()) {
+                (Some(a), _) => *a,
+                (None, "local") => *addr,
+                (None, _) => {
+                    return Err(format!(
+                        "instance {destination} has no migration endpoint"
+                    ))
+                }
+            };
+            src.link
+                .migrate_out(migration_id, request, destination, dst_addr, transport)
+        };
+        let done = match route() {
             Ok(done) => done,
             Err(why) => {
-                self.migration_ended(
-                    request,
-                    source,
-                    destination,
-                    MigrationReport::NotStarted(why),
-                );
+                self.migration_ended(order, MigrationReport::NotStarted(why));
                 return false;
             }
         };
@@ -728,29 +764,19 @@ impl Manager {
             let report = done.await.unwrap_or_else(|_| {
                 MigrationReport::NotStarted("the source instance stopped".into())
             });
-            manager.migration_ended(request, source, destination, report);
+            manager.migration_ended(order, report);
         });
         true
     }
 
-    fn migration_ended(
-        &self,
-        request: u64,
-        source: u32,
-        destination: u32,
-        report: MigrationReport,
-    ) {
-        {
-            let mut busy = lock(&self.inner.migrating);
-            for i in [source, destination] {
-                if let Some(n) = busy.get_mut(&i) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        busy.remove(&i);
-                    }
-                }
-            }
-        }
+    fn migration_ended(&self, order: MigrationOrder, report: MigrationReport) {
+        let MigrationOrder {
+            migration_id,
+            request,
+            source,
+            destination,
+        } = order;
+        lock(&self.inner.controller).migration_ended(migration_id);
         self.inner.routes.sweep(clock::now_us());
         let mut stats = lock(&self.inner.migration_stats);
         match report {
@@ -801,150 +827,108 @@ impl Manager {
                 "source and destination are the same instance",
             ));
         }
-        let link = read(&self.inner.instances)
-            .get(&source)
-            .map(|e| e.link.clone())
+        let link = self
+            .link(source)
             .ok_or_else(|| ServeError::new(ErrorCode::NotFound, format!("no instance {source}")))?;
         let candidates = link.candidates().await;
-        let chosen = match request {
-            Some(r) => candidates
-                .iter()
-                .find(|c| c.id == r)
-                .map(|c| c.id)
-                .ok_or_else(|| {
-                    ServeError::new(
-                        ErrorCode::NotFound,
-                        format!("request {r} is not running on instance {source}"),
-                    )
-                })?,
-            None => {
-                let pair = llumen_policy_logic::MigrationPair {
-                    source,
-                    destination,
-                };
-                let picked = self
-                    .inner
-                    .runtime
-                    .choose_migrations(pair, &candidates)
-                    .value;
-                picked
-                    .first()
-                    .copied()
-                    .or_else(|| candidates.first().map(|c| c.id))
-                    .ok_or_else(|| {
-                        ServeError::new(
-                            ErrorCode::NotFound,
-                            format!("no running request on instance {source} can move now"),
-                        )
-                    })?
-            }
-        };
-        if self.start_migration(chosen, source, destination) {
-            Ok(chosen)
+        let order = lock(&self.inner.controller).migrate_now(
+            &mut self.decide(),
+            source,
+            destination,
+            request,
+            &candidates,
+        );
+        let order = order.map_err(|e| {
+            let code = match &e {
+                ManualMigrationError::NotRunning { .. } | ManualMigrationError::NoCandidate { .. } => {
+                    ErrorCode::NotFound
+                }
+                ManualMigrationError::NotStarted(MigrationNotStarted::SameInstance { .. }) => {
+                    ErrorCode::InvalidParameter
+                }
+                ManualMigrationError::NotStarted(MigrationNotStarted::UnknownInstance { .. }) => {
+                    ErrorCode::NotFound
+                }
+                ManualMigrationError::NotStarted(_) => ErrorCode::Unavailable,
+            };
+            ServeError::new(code, format!("cannot migrate from {source} to {destination} now: {e}"))
+        })?;
+        if self.carry_out(order) {
+            Ok(order.request)
         } else {
             Err(ServeError::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "cannot migrate from {source} to {destination} now (a migration is in flight there, or one of them is not an in-process serving instance)"
+                    "cannot migrate from {source} to {destination} now (one of them cannot be reached for migration)"
                 ),
             ))
         }
     }
 
-    /// One scaling round: ask the policy, clamp to the configured bounds,
-    /// start or drain instances, and stop drained ones that are empty.
+    /// One scaling round: the controller's actions (start, drain, cancel a
+    /// drain, stop an emptied instance), carried out.
     pub fn scaling_round(&self) {
-        let decision = self.inner.runtime.decide_scaling();
-        self.inner.shadows.feed(
-            PolicyKind::Scaling,
-            ShadowInput::Scaling,
-            ShadowAnswer::Scaling(decision.value),
-            || self.inner.runtime.fleet(),
-        );
-        let (serving, total) = {
-            let instances = read(&self.inner.instances);
-            (
-                instances.values().filter(|e| !e.draining).count(),
-                instances.len(),
-            )
-        };
-        match decision.value {
-            ScalingDecision::Hold => {}
-            ScalingDecision::ScaleUp(n) => {
-                let room = self.inner.config.max_instances.saturating_sub(total);
-                for _ in 0..(n as usize).min(room) {
-                    match self.add_local_instance() {
-                        Ok(id) => {
-                            self.inner.metrics.scaling("scale_up");
-                            tracing::info!(instance = id, "scaled up");
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "scale-up failed");
-                            break;
-                        }
+        let actions = lock(&self.inner.controller).scaling_round(&mut self.decide());
+        for action in actions {
+            match action {
+                ScalingAction::Start { instance } => match self.start_local_instance(instance) {
+                    Ok(()) => {
+                        self.inner.metrics.scaling("scale_up");
+                        tracing::info!(instance, "scaled up");
                     }
-                }
-            }
-            ScalingDecision::Drain(id) => {
-                // Only in-process instances are drained: a joined
-                // instance's life belongs to whoever started it.
-                let local = read(&self.inner.instances)
-                    .get(&id)
-                    .is_some_and(|e| e.link.kind() == "local");
-                if local && serving > self.inner.config.min_instances && self.drain(id) {
+                    Err(e) => tracing::warn!(instance, error = %e, "scale-up failed"),
+                },
+                ScalingAction::Drain { instance } => {
+                    if let Some(link) = self.link(instance) {
+                        link.set_draining(true);
+                    }
                     self.inner.metrics.scaling("drain");
-                    tracing::info!(instance = id, "draining");
+                    tracing::info!(instance, "draining");
+                }
+                ScalingAction::CancelDrain { instance } => {
+                    if let Some(link) = self.link(instance) {
+                        link.set_draining(false);
+                    }
+                    self.inner.metrics.scaling("drain_cancelled");
+                    tracing::info!(instance, "drain cancelled");
+                }
+                ScalingAction::Stop { instance } => {
+                    // The controller forgot it already; its link goes.
+                    self.inner.metrics.remove_instance(instance);
+                    if let Some(entry) = write(&self.inner.instances).remove(&instance) {
+                        entry.link.stop();
+                    }
+                    self.inner.metrics.scaling("stopped");
+                    tracing::info!(instance, "stopped after draining");
                 }
             }
-        }
-        // Stop drained instances that are empty.
-        let fleet = self.inner.runtime.fleet();
-        let empty: Vec<u32> = read(&self.inner.instances)
-            .iter()
-            .filter(|(id, e)| {
-                e.draining
-                    && fleet
-                        .get(**id)
-                        .is_some_and(|l| l.draining && l.running == 0 && l.waiting == 0)
-            })
-            .map(|(&id, _)| id)
-            .collect();
-        for id in empty {
-            self.remove_instance(id);
-            self.inner.metrics.scaling("stopped");
         }
     }
 
-    /// One dispatch decision: the active dispatch policy's choice (fed to
-    /// a dispatch shadow if one runs), resolved to the instance's link. An
-    /// instance in `refused`, draining or already gone is replaced by any
-    /// serving one (the fleet view may lag the instance table). `None` when
-    /// no instance accepts requests.
+    /// One dispatch decision: the controller's placement (the dispatch
+    /// policy's answer, or a serving instance not in `refused` when the
+    /// answer is not one), resolved to the instance's link. `None` when no
+    /// instance accepts requests.
     pub fn choose_instance(
         &self,
         meta: &RequestMeta,
-        refused: &HashSet<u32>,
+        refused: &BTreeSet<u32>,
     ) -> Option<(u32, Arc<dyn InstanceLink>, String)> {
-        let decision = self.inner.runtime.dispatch(meta);
-        self.inner.shadows.feed(
-            PolicyKind::Dispatch,
-            ShadowInput::Dispatch(*meta),
-            ShadowAnswer::Dispatch(decision.value),
-            || self.inner.runtime.fleet(),
-        );
-        let target = decision.value?;
-        let instances = read(&self.inner.instances);
-        let chosen = instances
-            .get(&target)
-            .filter(|e| !e.draining && !refused.contains(&target))
-            .map(|e| (target, e.link.clone()))
-            .or_else(|| {
-                instances
-                    .iter()
-                    .find(|(id, e)| !e.draining && !refused.contains(*id))
-                    .map(|(&id, e)| (id, e.link.clone()))
-            })?;
-        Some((chosen.0, chosen.1, label(&decision.source)))
+        let mut refused = std::borrow::Cow::Borrowed(refused);
+        // A placed instance whose link has just gone is refused in turn.
+        for _ in 0..4 {
+            let mut decide = self.decide();
+            let target = lock(&self.inner.controller).place(&mut decide, meta, &refused)?;
+            if let Some(link) = self.link(target) {
+                let decided_by = decide
+                    .dispatched_by
+                    .as_ref()
+                    .map_or_else(|| "fallback".into(), label);
+                return Some((target, link, decided_by));
+            }
+            refused.to_mut().insert(target);
+        }
+        None
     }
 
     /// Chooses an instance for `meta` and hands it `job`; tries again
@@ -954,7 +938,7 @@ impl Manager {
         meta: &RequestMeta,
         job: &Assignment,
     ) -> Result<(u32, mpsc::UnboundedReceiver<InstanceEvent>, String), ServeError> {
-        let mut refused = HashSet::new();
+        let mut refused = BTreeSet::new();
         for _ in 0..4 {
             let Some((target, link, decided_by)) = self.choose_instance(meta, &refused) else {
                 break;
@@ -988,29 +972,22 @@ impl Manager {
 impl Inner {
     fn on_load(&self, load: InstanceLoad) {
         // Late snapshots of a removed instance must not bring it back: the
-        // id check and the observe happen under the same read lock, and
-        // removal takes the write lock before forgetting the instance.
-        let live = read(&self.live_ids);
-        if !live.contains(&load.instance) {
-            return;
-        }
-        let draining = read(&self.instances)
-            .get(&load.instance)
-            .is_some_and(|e| e.draining);
-        let mut load = load;
-        load.draining |= draining;
-        // The runtime records it in the snapshot history (sled, batched).
-        self.runtime.observe(load);
-        {
-            *self
-                .stored_snapshots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(load.instance)
-                .or_default() += 1;
-        }
+        // controller ignores loads of instances it does not know, and
+        // removal forgets the instance under the same lock.
+        let kept = {
+            let mut c = lock(&self.controller);
+            let mut decide = RuntimeDecide::new(&self.runtime);
+            // The runtime records it in the snapshot history (sled, batched).
+            c.observe(&mut decide, load).then(|| c.load(load.instance).copied())
+        };
+        let Some(Some(load)) = kept else { return };
+        *self
+            .stored_snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(load.instance)
+            .or_default() += 1;
         self.metrics.set_instance_load(&load);
-        drop(live);
     }
 }
 
@@ -1080,14 +1057,7 @@ impl Manager {
             prefix_hash: prefix_hash(&prompt),
             arrival_us,
         };
-        let priority = self.inner.runtime.assign_priority(&meta);
-        self.inner.shadows.feed(
-            PolicyKind::Priority,
-            ShadowInput::Priority(meta),
-            ShadowAnswer::Priority(priority.value),
-            || self.inner.runtime.fleet(),
-        );
-        meta.priority = priority.value.priority;
+        let priority = lock(&self.inner.controller).prioritize(&mut self.decide(), &mut meta);
         let mut stop_token_ids = request.stop_token_ids.clone();
         if !request.ignore_eos {
             stop_token_ids.extend(self.inner.codec.eos());
@@ -1102,7 +1072,7 @@ impl Manager {
             seed: request.seed,
             stop_token_ids,
             priority: meta.priority,
-            headroom_blocks: priority.value.headroom_blocks,
+            headroom_blocks: priority.headroom_blocks,
         };
         let (instance, events, decided_by) = self.place(&meta, &job)?;
         self.journal(
