@@ -256,6 +256,7 @@ impl<'a> World<'a> {
             min_instances,
             max_instances,
             migrate: cfg.migration,
+            ..ControllerConfig::default()
         });
         Ok(Self {
             cfg,
