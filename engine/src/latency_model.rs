@@ -451,6 +451,20 @@ impl LatencyProfile {
     pub fn kv_bytes_per_block(&self) -> usize {
         self.data.kv_bytes_per_block
     }
+    /// The local scheduler of an instance of this profile, as the simulator
+    /// and a `--model profile:FILE` server both run it: the profile's block
+    /// size, pool and batched-token limit, vLLM's 1% watermark and 256
+    /// sequences per batch.
+    pub fn scheduler_config(&self) -> crate::SchedulerConfig {
+        self.scheduler_config_for(self.num_blocks())
+    }
+    /// [`scheduler_config`](Self::scheduler_config) with a pool of
+    /// `num_blocks` instead of the profile's (its watermark 1% of it).
+    pub fn scheduler_config_for(&self, num_blocks: usize) -> crate::SchedulerConfig {
+        let mut config = crate::SchedulerConfig::with_blocks(num_blocks, self.block_size());
+        config.max_batched_tokens = self.max_batched_tokens().max(config.max_batch_size);
+        config
+    }
     /// The prefill fit in use (stored, or fitted at load).
     pub fn prefill_fit(&self) -> PrefillFit {
         self.prefill_fit

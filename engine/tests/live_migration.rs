@@ -16,7 +16,7 @@ use llumen_engine::migration::Message;
 use llumen_engine::{
     AbortReason, DestinationEvent, DestinationMigration, Engine, FinishReason, MigratedSequence,
     MigrationConfig, MigrationResult, ModelBackend, RefuseReason, ReleaseReason, SamplingParams,
-    SeqEvent, SeqId, SourceMigration, SourceState, TokenId,
+    SeqEvent, SeqId, SourceEvent, SourceMigration, SourceState, TokenId,
 };
 
 const TARGET: SeqId = 1;
@@ -1085,4 +1085,40 @@ fn misdirected_unexpected_and_inconsistent_messages_change_nothing() {
     // The real migration still goes through.
     w.drain();
     assert!(w.source.outcome().unwrap().committed());
+}
+
+/// A detached request that cannot go back in the source's queue (here its
+/// id was taken meanwhile) is not dropped: the end event hands it over,
+/// with its token history, for the host to place again.
+#[test]
+fn a_requeue_that_fails_after_detach_hands_the_request_over_in_the_end_event() {
+    let mut w = World::new(64, 64, fast_stages());
+    w.src.add(request(TARGET, 120, 40), 0).unwrap();
+    w.run_until_tokens(4);
+    w.start();
+    w.run_until(|w| w.source.state() == SourceState::Committing);
+    // The source's queue now refuses the sequence back.
+    w.src.add(request(TARGET, 16, 4), w.now).unwrap();
+    let deadline = w.source.poll_timeout().expect("waiting for Committed");
+    let result = w.source.handle_timeout(&mut w.src, deadline);
+    assert!(
+        matches!(result, Err(llumen_engine::MigrationError::Requeue(_))),
+        "{result:?}"
+    );
+    match w.source.poll_event() {
+        Some(SourceEvent::Ended { outcome, stranded }) => {
+            assert_eq!(
+                outcome.result,
+                MigrationResult::Aborted {
+                    reason: AbortReason::Timeout,
+                    requeued: false
+                }
+            );
+            let stranded = stranded.expect("the detached sequence is handed over");
+            assert_eq!(stranded.id, TARGET);
+            assert_eq!(stranded.output.len(), w.stream.of(TARGET).len());
+        }
+        other => panic!("expected the end event, got {other:?}"),
+    }
+    assert_eq!(w.source.poll_event(), None, "one end event");
 }

@@ -947,3 +947,166 @@ impl<B: ModelBackend> InstanceCore<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llumen_engine::{LatencyModelBackend, LatencyProfile};
+
+    fn core(id: u32) -> InstanceCore<LatencyModelBackend> {
+        let profile = LatencyProfile::shipped_llama7b_a10_derived();
+        let engine = Engine::new(
+            profile.scheduler_config_for(64),
+            LatencyModelBackend::new(profile),
+        )
+        .unwrap();
+        let config = CoreConfig {
+            idle_publish_us: None,
+            ..CoreConfig::default()
+        };
+        InstanceCore::new(id, engine, config)
+    }
+
+    fn assign(request: u64, prompt: usize, max_tokens: u32) -> Input {
+        Input::Assign(Box::new(Assign {
+            request,
+            prompt: vec![7; prompt],
+            generated: Vec::new(),
+            sampling: SamplingParams::greedy(max_tokens),
+            priority: 0,
+            headroom_blocks: 0,
+            arrival_us: 0,
+        }))
+    }
+
+    fn events(c: &mut InstanceCore<LatencyModelBackend>) -> Vec<CoreEvent> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    fn not_started(events: &[CoreEvent]) -> Vec<NotStarted> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                CoreEvent::MigrationEnded {
+                    report: MigrationReport::NotStarted(why),
+                    ..
+                } => Some(why.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A step's effects land at its end: nothing before `end_step`, the
+    /// tokens after it; the step ends at its modelled duration.
+    #[test]
+    fn a_step_lands_at_its_end() {
+        let mut c = core(0);
+        c.input(assign(1, 32, 2));
+        let Turn::Stepping { ends_us } = c.turn(1_000) else {
+            panic!("a request to prefill")
+        };
+        assert!(ends_us > 1_000);
+        assert!(c.is_stepping());
+        assert!(!events(&mut c)
+            .iter()
+            .any(|e| matches!(e, CoreEvent::Token { .. })));
+        c.input(Input::Cancel { request: 99 });
+        assert!(c.has_input(), "inputs wait while the step is in flight");
+        c.end_step(ends_us);
+        let ev = events(&mut c);
+        assert!(ev.contains(&CoreEvent::Token {
+            request: 1,
+            index: 0,
+            token: match ev.iter().find_map(|e| match e {
+                CoreEvent::Token { token, .. } => Some(*token),
+                _ => None,
+            }) {
+                Some(t) => t,
+                None => panic!("no token in {ev:?}"),
+            }
+        }));
+    }
+
+    /// The one rule for starting a migration out: the request is served
+    /// here, running between steps, and not already leaving; every refusal
+    /// is reported as the migration's end, with its reason.
+    #[test]
+    fn migrate_out_starts_only_for_a_running_request_served_here() {
+        let mut c = core(0);
+        c.input(assign(1, 32, 50));
+        c.input(assign(2, 32, 50));
+        let Turn::Stepping { ends_us } = c.turn(0) else {
+            panic!()
+        };
+        c.end_step(ends_us);
+        events(&mut c);
+        let now = ends_us;
+        for input in [
+            // Not served here.
+            Input::MigrateOut {
+                migration_id: 1,
+                request: 9,
+                peer: 1,
+            },
+            // Starts.
+            Input::MigrateOut {
+                migration_id: 2,
+                request: 1,
+                peer: 1,
+            },
+            // Already leaving.
+            Input::MigrateOut {
+                migration_id: 3,
+                request: 1,
+                peer: 1,
+            },
+            // The id of a migration in flight.
+            Input::MigrateOut {
+                migration_id: 2,
+                request: 2,
+                peer: 1,
+            },
+        ] {
+            c.input(input);
+        }
+        c.apply_inputs(now);
+        assert_eq!(
+            not_started(&events(&mut c)),
+            vec![
+                NotStarted::NotServed(9),
+                NotStarted::AlreadyMigrating(1),
+                NotStarted::DuplicateMigration(2),
+            ]
+        );
+        assert_eq!(c.num_outgoing(), 1);
+        let reserve = c.poll_transmit().expect("Reserve for migration 2");
+        assert_eq!((reserve.peer, reserve.migration_id), (1, 2));
+        assert!(!reserve.to_source());
+        assert!(
+            !c.migration_candidates().iter().any(|m| m.id == 1),
+            "a leaving request is no candidate"
+        );
+        // A request still waiting (not running) is refused by the machine.
+        c.input(assign(3, 32, 10));
+        c.input(Input::MigrateOut {
+            migration_id: 4,
+            request: 3,
+            peer: 1,
+        });
+        c.apply_inputs(now);
+        assert!(matches!(
+            not_started(&events(&mut c)).as_slice(),
+            [NotStarted::Refused { request: 3, .. }]
+        ));
+        // The link of the started one breaks before detach: the request
+        // carries on here and the migration ends, once.
+        c.input(Input::LinkLost { migration_id: 2 });
+        c.apply_inputs(now);
+        let ended: Vec<_> = events(&mut c)
+            .into_iter()
+            .filter(|e| matches!(e, CoreEvent::MigrationEnded { migration_id: 2, .. }))
+            .collect();
+        assert_eq!(ended.len(), 1);
+        assert!(c.serves(1) && c.num_outgoing() == 0);
+    }
+}

@@ -15,10 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use llumen_engine::Engine;
 use tokio::sync::mpsc;
 
-use crate::llumlet::Llumlet;
 use crate::model::{InstanceShape, LoadedModel};
 use crate::protocol::{Frame, JoinInfo, MAX_REQUEST_FRAME};
 use crate::tls::{self, Trust};
@@ -81,24 +79,23 @@ pub async fn run_instance(
     // Loads go out on the control stream; only the newest one matters, so
     // a backlog is collapsed to its last snapshot.
     let (load_tx, mut load_rx) = mpsc::unbounded_channel();
-    let engine = Engine::new(
-        model.scheduler_config(&shape),
-        model.backend(&shape).map_err(anyhow::Error::msg)?,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let llumlet = Arc::new(Llumlet::spawn(
-        instance,
-        engine,
-        Box::new(move |load| {
-            let _ = load_tx.send(load);
-        }),
-        Arc::new(ResumeRoutes {
-            conn: conn.clone(),
-            token: token.clone(),
-            runtime: tokio::runtime::Handle::current(),
-        }),
-        llumen_engine::MigrationConfig::default(),
-    )?);
+    let llumlet = Arc::new(
+        model
+            .spawn_llumlet(
+                instance,
+                &shape,
+                Box::new(move |load| {
+                    let _ = load_tx.send(load);
+                }),
+                Arc::new(ResumeRoutes {
+                    conn: conn.clone(),
+                    token: token.clone(),
+                    runtime: tokio::runtime::Handle::current(),
+                }),
+                llumen_engine::MigrationConfig::default(),
+            )
+            .map_err(anyhow::Error::msg)?,
+    );
     let transport = Arc::new(crate::migration::MigrationTransport::new(
         addr,
         trust.clone(),

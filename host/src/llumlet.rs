@@ -408,8 +408,15 @@ impl<B: ModelBackend> StepLoop<B> {
             self.reap_cancelled();
             crate::threads::compute();
             last = self.core.turn(clock::now_us());
-            if let Turn::Stepping { .. } = last {
-                // The step ran inside the turn: it ends now.
+            if let Turn::Stepping { ends_us } = last {
+                // The step ran inside the turn and ends at its end: now for
+                // a model (its duration was measured), later for a latency
+                // profile (modelled: the instance is busy until then, its
+                // commands wait, as the simulator's do).
+                let now = clock::now_us();
+                if ends_us > now {
+                    std::thread::sleep(Duration::from_micros(ends_us - now));
+                }
                 self.core.end_step(clock::now_us());
             }
             self.flush();

@@ -2,8 +2,10 @@
 //!
 //! Owns model selection (`--model`), loading it once per process (weights
 //! are shared by every in-process instance), the per-instance backend and
-//! scheduler limits, and the [`TextCodec`]. Must never drive an engine (the
-//! llumlet does) nor touch sockets.
+//! scheduler limits, starting an instance's llumlet over the right backend
+//! (candle for real models, the latency model for `profile:FILE`), and the
+//! [`TextCodec`]. Must never drive an engine (the llumlet does) nor touch
+//! sockets.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +14,12 @@ use llumen_engine::candle::gguf::load_gguf;
 use llumen_engine::candle::weights::LlamaWeights;
 use llumen_engine::candle::{CandleBackend, Device, LlamaConfig};
 use llumen_engine::tokenizer::ChatMessage;
-use llumen_engine::{models, SchedulerConfig, StreamDecoder, Tokenizer};
+use llumen_engine::{
+    models, Engine, LatencyModelBackend, LatencyProfile, MigrationConfig, SchedulerConfig,
+    StreamDecoder, Tokenizer,
+};
+
+use crate::llumlet::{Llumlet, LoadSink, Routes};
 
 use crate::api::{ChatTurn, ErrorCode, PromptInput, ServeError};
 
@@ -42,6 +49,11 @@ pub enum ModelChoice {
     Smollm2,
     /// A GGUF file.
     Gguf(PathBuf),
+    /// A latency profile instead of a model (`profile:FILE`, or
+    /// `profile:llama-7b-a10` for the shipped stand-in): steps take the
+    /// profile's time in real time and produce placeholder tokens, so a live
+    /// server and the simulator run the same fleet.
+    Profile(Option<PathBuf>),
 }
 
 impl std::str::FromStr for ModelChoice {
@@ -52,9 +64,13 @@ impl std::str::FromStr for ModelChoice {
             "tiny" | "test" => ModelChoice::Tiny,
             "smollm2" | "smollm2-135m" => ModelChoice::Smollm2,
             path if path.ends_with(".gguf") => ModelChoice::Gguf(path.into()),
+            "profile" | "profile:llama-7b-a10" => ModelChoice::Profile(None),
+            other if other.starts_with("profile:") => {
+                ModelChoice::Profile(Some(other["profile:".len()..].into()))
+            }
             other => {
                 return Err(format!(
-                    "unknown model {other:?}: expected auto, tiny, smollm2 or a .gguf path"
+                    "unknown model {other:?}: expected auto, tiny, smollm2, a .gguf path or profile:FILE"
                 ))
             }
         })
@@ -164,10 +180,24 @@ impl TextDecoder {
 /// A model loaded once per process.
 pub struct LoadedModel {
     pub name: String,
-    pub config: LlamaConfig,
-    weights: LlamaWeights,
+    kind: ModelKind,
     pub codec: Arc<TextCodec>,
 }
+
+/// What steps an instance's engine.
+enum ModelKind {
+    /// A transformer on candle.
+    Candle {
+        config: LlamaConfig,
+        weights: LlamaWeights,
+    },
+    /// A latency profile (the simulator's backend, in real time).
+    Profile(Arc<LatencyProfile>),
+}
+
+/// Vocabulary of a profile model's byte codec: the latency backend's
+/// placeholder tokens are drawn below it.
+const PROFILE_VOCAB: u32 = 32_000;
 
 /// Per-instance sizes.
 #[derive(Clone, Debug)]
@@ -186,6 +216,20 @@ impl LoadedModel {
                 "SmolLM2-135M-Instruct is not installed: run scripts/fetch-smollm2.sh (or set LLUMEN_SMOLLM2_GGUF)",
             )?),
             ModelChoice::Gguf(p) => Some(p.clone()),
+            ModelChoice::Profile(file) => {
+                let profile = match file {
+                    Some(p) => LatencyProfile::from_path(p)
+                        .map_err(|e| format!("loading the latency profile {}: {e}", p.display()))?,
+                    None => LatencyProfile::shipped_llama7b_a10_derived(),
+                };
+                return Ok(Self {
+                    name: format!("profile:{}", profile.model()),
+                    codec: Arc::new(TextCodec::Bytes {
+                        vocab: PROFILE_VOCAB as usize,
+                    }),
+                    kind: ModelKind::Profile(Arc::new(profile)),
+                });
+            }
         };
         match path {
             None => {
@@ -197,8 +241,7 @@ impl LoadedModel {
                     codec: Arc::new(TextCodec::Bytes {
                         vocab: config.vocab,
                     }),
-                    config,
-                    weights,
+                    kind: ModelKind::Candle { config, weights },
                 })
             }
             Some(path) => {
@@ -211,8 +254,10 @@ impl LoadedModel {
                     .unwrap_or_else(|| "model".into());
                 Ok(Self {
                     name,
-                    config: model.config,
-                    weights: model.weights,
+                    kind: ModelKind::Candle {
+                        config: model.config,
+                        weights: model.weights,
+                    },
                     codec: Arc::new(TextCodec::Bpe(Box::new(model.tokenizer))),
                 })
             }
@@ -220,43 +265,109 @@ impl LoadedModel {
     }
 
     /// The default KV pool of one instance: 512 blocks of 16 tokens for the
-    /// test model, 256 for real models (SmolLM2: 188 MB of f32 KV).
+    /// test model, 256 for real models (SmolLM2: 188 MB of f32 KV), the
+    /// profile's pool for a profile.
     pub fn default_shape(&self) -> InstanceShape {
-        InstanceShape {
-            num_blocks: if matches!(*self.codec, TextCodec::Bytes { .. }) {
-                512
-            } else {
-                256
+        match &self.kind {
+            ModelKind::Profile(p) => InstanceShape {
+                num_blocks: p.num_blocks(),
+                block_size: p.block_size(),
             },
-            block_size: 16,
+            ModelKind::Candle { .. } => InstanceShape {
+                num_blocks: if matches!(*self.codec, TextCodec::Bytes { .. }) {
+                    512
+                } else {
+                    256
+                },
+                block_size: 16,
+            },
+        }
+    }
+
+    /// The block size an instance must use (a profile's steps are timed for
+    /// its own), if the model fixes one.
+    pub fn required_block_size(&self) -> Option<usize> {
+        match &self.kind {
+            ModelKind::Profile(p) => Some(p.block_size()),
+            ModelKind::Candle { .. } => None,
         }
     }
 
     /// Longest prompt + output one instance of `shape` serves.
     pub fn max_model_len(&self, shape: &InstanceShape) -> usize {
         let pool = shape.num_blocks.saturating_sub(shape.num_blocks / 100) * shape.block_size;
-        self.config.max_position.min(pool)
+        match &self.kind {
+            ModelKind::Candle { config, .. } => config.max_position.min(pool),
+            ModelKind::Profile(_) => pool,
+        }
     }
 
     /// The scheduler limits of one instance.
     pub fn scheduler_config(&self, shape: &InstanceShape) -> SchedulerConfig {
-        let mut config = SchedulerConfig::with_blocks(shape.num_blocks, shape.block_size);
-        let max_len = self.max_model_len(shape);
-        config.max_model_len = Some(max_len);
-        config.max_batched_tokens = config.max_batched_tokens.max(max_len);
-        config.max_batch_size = 64;
-        config
+        match &self.kind {
+            // The simulator's instance, with this pool.
+            ModelKind::Profile(p) => p.scheduler_config_for(shape.num_blocks),
+            ModelKind::Candle { .. } => {
+                let mut config = SchedulerConfig::with_blocks(shape.num_blocks, shape.block_size);
+                let max_len = self.max_model_len(shape);
+                config.max_model_len = Some(max_len);
+                config.max_batched_tokens = config.max_batched_tokens.max(max_len);
+                config.max_batch_size = 64;
+                config
+            }
+        }
     }
 
-    /// A backend over the shared weights with its own KV cache.
+    /// The transformer's configuration (`None` for a latency profile).
+    pub fn llama_config(&self) -> Option<&LlamaConfig> {
+        match &self.kind {
+            ModelKind::Candle { config, .. } => Some(config),
+            ModelKind::Profile(_) => None,
+        }
+    }
+
+    /// A candle backend over the shared weights with its own KV cache (for
+    /// benches that drive an engine themselves; a profile has none).
     pub fn backend(&self, shape: &InstanceShape) -> Result<CandleBackend, String> {
-        CandleBackend::new(
-            self.config.clone(),
-            self.weights.clone(),
-            shape.num_blocks,
-            shape.block_size,
-            Device::Cpu,
-        )
-        .map_err(|e| e.to_string())
+        match &self.kind {
+            ModelKind::Candle { config, weights } => CandleBackend::new(
+                config.clone(),
+                weights.clone(),
+                shape.num_blocks,
+                shape.block_size,
+                Device::Cpu,
+            )
+            .map_err(|e| e.to_string()),
+            ModelKind::Profile(_) => Err(format!("{} is a latency profile, not a model", self.name)),
+        }
+    }
+
+    /// Starts instance `id`'s llumlet over an engine of `shape` (a candle
+    /// backend over the shared weights, or the profile's latency backend
+    /// with one header per KV block, as in the simulator).
+    pub fn spawn_llumlet(
+        &self,
+        id: u32,
+        shape: &InstanceShape,
+        sink: LoadSink,
+        routes: Routes,
+        migration: MigrationConfig,
+    ) -> Result<Llumlet, String> {
+        let config = self.scheduler_config(shape);
+        match &self.kind {
+            ModelKind::Candle { .. } => {
+                let backend = self.backend(shape)?;
+                let engine = Engine::new(config, backend).map_err(|e| e.to_string())?;
+                Llumlet::spawn(id, engine, sink, routes, migration).map_err(|e| e.to_string())
+            }
+            ModelKind::Profile(p) => {
+                let backend = LatencyModelBackend::new(p.clone())
+                    .with_token_range(256..PROFILE_VOCAB)
+                    .with_kv_bytes_per_block(8 + 8 * p.block_size())
+                    .without_kv_contents();
+                let engine = Engine::new(config, backend).map_err(|e| e.to_string())?;
+                Llumlet::spawn(id, engine, sink, routes, migration).map_err(|e| e.to_string())
+            }
+        }
     }
 }

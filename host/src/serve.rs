@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use llumen_engine::{Engine, MigrationConfig};
+use llumen_engine::MigrationConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::Admin;
-use crate::llumlet::Llumlet;
 use crate::manager::{InstanceLink, LocalFactory, Manager, ManagerConfig};
 use crate::metrics::Metrics;
 use crate::model::{InstanceShape, LoadedModel, ModelChoice};
@@ -158,7 +157,16 @@ pub async fn run_serve(
     if let Some(b) = config.blocks {
         shape.num_blocks = b;
     }
-    shape.block_size = config.block_size;
+    shape.block_size = match model.required_block_size() {
+        Some(b) if b != config.block_size && config.block_size != ServeConfig::default().block_size => {
+            anyhow::bail!(
+                "block size {} differs from the profile's {b}: a profile's steps are timed for its own",
+                config.block_size
+            )
+        }
+        Some(b) => b,
+        None => config.block_size,
+    };
     let max_model_len = model.max_model_len(&shape);
     anyhow::ensure!(max_model_len > 0, "instances of {shape:?} hold no tokens");
 
@@ -166,10 +174,8 @@ pub async fn run_serve(
         let model = model.clone();
         let shape: InstanceShape = shape.clone();
         Box::new(move |id, sink, routes| {
-            let engine = Engine::new(model.scheduler_config(&shape), model.backend(&shape)?)
-                .map_err(|e| e.to_string())?;
-            let llumlet = Llumlet::spawn(id, engine, sink, routes, MigrationConfig::default())
-                .map_err(|e| e.to_string())?;
+            let llumlet =
+                model.spawn_llumlet(id, &shape, sink, routes, MigrationConfig::default())?;
             Ok(Arc::new(llumlet) as Arc<dyn InstanceLink>)
         })
     };
