@@ -37,7 +37,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use llumen_engine::{
     AbortReason, DestinationEvent, DestinationMigration, DetachedSequence, Engine, MigrationConfig,
-    MigrationError, MigrationId, MigrationMessage, MigrationOutcome, ModelBackend, Request,
+    MigrationError, MigrationId, MigrationMessage, MigrationOutcome, ModelBackend, RefuseReason,
+    Request,
     SamplingParams, SeqEvent, SourceEvent, SourceMigration, SourceState, StepReport, TokenId,
 };
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate};
@@ -818,6 +819,22 @@ impl<B: ModelBackend> InstanceCore<B> {
 
     fn on_message(&mut self, peer: u32, message: MigrationMessage, now_us: u64) {
         let migration_id = message.migration_id();
+        if let MigrationMessage::Reserve { seq, .. } = &message {
+            // A request this instance still serves, or is moving out (its
+            // copy may be detached, so the engine alone would not see it),
+            // cannot come in as well: one copy per instance.
+            if self.live.contains_key(seq) || self.outgoing.values().any(|o| o.sm.seq() == *seq) {
+                self.send(
+                    peer,
+                    migration_id,
+                    vec![MigrationMessage::Refused {
+                        migration_id,
+                        reason: RefuseReason::DuplicateSequence,
+                    }],
+                );
+                return;
+            }
+        }
         if towards_destination(&message) {
             self.incoming_peers.insert(migration_id, peer);
             let replies = self.incoming.handle(&mut self.engine, message, now_us);
