@@ -174,7 +174,7 @@ pub fn run(args: &Args) -> Result<()> {
                     rt.block_on(drive(addr, &dir, None, &drive_args))?
                 }
                 Some(p) => {
-                    let server = Spawned::start(args, p)?;
+                    let server = Spawned::start(&ServeSpec::of(args), p)?;
                     let out = rt.block_on(drive(
                         server.quic,
                         server.dir.path(),
@@ -220,7 +220,7 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// Clamps lengths to what the server's model takes; how many changed.
-fn clamp(workload: &mut [RequestSpec], max_prompt: u32, max_output: u32) -> usize {
+pub(crate) fn clamp(workload: &mut [RequestSpec], max_prompt: u32, max_output: u32) -> usize {
     let mut n = 0;
     for r in workload.iter_mut() {
         let (p, o) = (
@@ -236,8 +236,31 @@ fn clamp(workload: &mut [RequestSpec], max_prompt: u32, max_output: u32) -> usiz
     n
 }
 
+/// How to start a `llumen serve` for one policy.
+pub(crate) struct ServeSpec {
+    /// The binary (default: `llumen` next to this executable).
+    pub llumen: Option<PathBuf>,
+    pub model: String,
+    pub instances: u32,
+    pub blocks: u32,
+    /// More flags, space-separated.
+    pub serve_args: String,
+}
+
+impl ServeSpec {
+    fn of(args: &Args) -> Self {
+        Self {
+            llumen: args.llumen.clone(),
+            model: args.model.clone(),
+            instances: args.instances,
+            blocks: args.blocks,
+            serve_args: args.serve_args.clone(),
+        }
+    }
+}
+
 /// A `llumen serve` started for one policy; killed when dropped.
-struct Spawned {
+pub(crate) struct Spawned {
     child: Child,
     dir: tempfile::TempDir,
     quic: SocketAddr,
@@ -245,7 +268,7 @@ struct Spawned {
 }
 
 impl Spawned {
-    fn start(args: &Args, policy: &str) -> Result<Spawned> {
+    pub(crate) fn start(args: &ServeSpec, policy: &str) -> Result<Spawned> {
         let llumen = match &args.llumen {
             Some(p) => p.clone(),
             None => std::env::current_exe()?
@@ -304,6 +327,37 @@ impl Spawned {
             child,
             dir,
         })
+    }
+}
+
+impl Spawned {
+    /// Sends `workload` at its arrival times (real time) over QUIC after
+    /// `warmup` short requests; the records and the fleet's figures.
+    pub(crate) fn drive(
+        &self,
+        workload: &[RequestSpec],
+        instances: u32,
+        warmup: usize,
+    ) -> Result<(Vec<RequestRecord>, FleetRecord)> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(drive(
+            self.quic,
+            self.dir.path(),
+            Some(self.http),
+            &DriveArgs {
+                workload,
+                use_http: false,
+                instances,
+                warmup,
+            },
+        ))
+    }
+
+    /// The server's log so far (its stderr).
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
 }
 

@@ -7,8 +7,8 @@
 //! throughput of one instance; measured latency profiles) and `migration`
 //! (live migration of a running request over QUIC loopback: downtime,
 //! stages, recompute baseline, QUIC vs TCP bandwidth). The simulator
-//! (`sim`), the live driver (`live`) and the other micro benchmarks join it
-//! here.
+//! (`sim`), the live driver (`live`), the Llumnix study (`compare`) and the
+//! simulator-vs-live comparison (`fidelity`) are here too.
 //!
 //! Contract (see DESIGN.md): with `--json`, stdout is one JSON document with
 //! snake_case fields carrying their unit (`p50_ns`); human output goes to
@@ -17,6 +17,7 @@
 mod compare;
 mod dispatch;
 mod engine_bench;
+mod fidelity;
 mod live;
 mod migration_bench;
 mod policy_overhead;
@@ -56,6 +57,8 @@ enum Command {
     Compare(compare::Args),
     /// Discrete-event cluster simulation: real engines (latency model) and real Wasm policies in virtual time.
     Sim(sim::Args),
+    /// The simulator against the live system: one seeded workload through `sim` and through a spawned `llumen serve --model profile:FILE`, per policy; relative errors of mean and P99 latencies and of migration counts.
+    Fidelity(fidelity::Args),
 }
 
 fn main() -> Result<()> {
@@ -69,5 +72,6 @@ fn main() -> Result<()> {
         Command::Sim(args) => sim::run(&args),
         Command::Live(args) => live::run(&args),
         Command::Compare(args) => compare::run(&args),
+        Command::Fidelity(args) => fidelity::run(&args),
     }
 }

@@ -13,19 +13,24 @@
 //!   (`--prefill-source`: a real prefill, minutes for SmolLM2 at 8k), then
 //!   `--others` short requests decoding alongside; a few warm-up decode
 //!   steps, then `--before-steps` timed ones;
-//! - the long request migrates with the engine's `SourceMigration` /
-//!   `DestinationMigration` on the host's clock (`clock::now_us`). The source
-//!   side runs on this thread as a llumlet does: between two engine steps it
-//!   takes the destination's replies and hands the state machine's messages
-//!   to a tokio task, and keeps stepping (the request decodes during the
-//!   pre-copy stages, the other requests all along). The destination runs on
-//!   its own thread, idle by default; with `--destination-others N` it
-//!   decodes N short requests of its own all along and, like a llumlet,
-//!   takes the migration's messages only between its steps. Both follow the llumlet's scheduling hints
-//!   (`llumen_host::threads`): a short kernel time slice while waiting and
-//!   for the tokio workers, the default one while stepping. Every message
-//!   crosses one QUIC stream of a warm loopback connection (the host's TLS
-//!   identity and transport config,
+//! - the long request migrates live. Each engine is then wrapped in an
+//!   instance's core (`llumen_fleet::InstanceCore`, which serves the
+//!   requests already in it), so the engine's `SourceMigration` /
+//!   `DestinationMigration` run inside the cores, driven as the llumlet
+//!   drives its core, on the host's clock (`clock::now_us`). The source
+//!   side runs on this thread: `MigrateOut` starts it; between two engine
+//!   steps (`turn` + `end_step`) it hands the destination's replies to the
+//!   core and the core's messages to a tokio task, and keeps stepping (the
+//!   request decodes during the pre-copy stages, the other requests all
+//!   along). The destination runs on its own thread, idle by default; with
+//!   `--destination-others N` it decodes N short requests of its own all
+//!   along and, like a llumlet, takes the migration's messages only between
+//!   its steps (applying them with `apply_inputs` before its next step, so
+//!   that the commit can be stamped). Both follow the llumlet's scheduling
+//!   hints (`llumen_host::threads`): a short kernel time slice while
+//!   waiting and for the tokio workers, the default one while stepping.
+//!   Every message crosses one QUIC stream of a warm loopback connection
+//!   (the host's TLS identity and transport config,
 //!   `migration::write_message` / `MessageReader` over `FrameReader`);
 //! - after `Committed`, the destination's next step must emit the
 //!   request's next token (the index continuing where the source stopped).
@@ -35,7 +40,7 @@
 //! batch): the downtime the targets are about,
 //! `detach_to_destination_commit_ms` (the request's time out of every
 //! batch: from its detach at the source to its commit at the destination,
-//! stamped when the destination's state machine returns from the commit,
+//! stamped when the destination's core returns from applying the commit,
 //! before it replies; its next step carries the request); `downtime_ms`,
 //! the source's view (the
 //! outcome's detach → `Committed`, which adds the wait for the source's
@@ -64,10 +69,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use llumen_engine::candle::CandleBackend;
 use llumen_engine::{
-    models, BlockId, DestinationEvent, DestinationMigration, DetachedSequence, Engine,
-    MigrationConfig, MigrationMessage as Message, MigrationOutcome, MigrationResult, ModelBackend,
-    Request, SamplingParams, SeqEvent, SeqId, SourceMigration, SourceState, TokenId,
+    models, BlockId, DetachedSequence, Engine, MigrationConfig, MigrationId,
+    MigrationMessage as Message, MigrationOutcome, MigrationResult, ModelBackend, ReleaseReason,
+    Request, SamplingParams, SeqId, SourceState, TokenId,
 };
+use llumen_fleet::{CoreConfig, CoreEvent, Input, InstanceCore, MigrationReport, Turn};
 use llumen_host::clock;
 use llumen_host::migration::{write_message, MessageReader};
 use llumen_host::model::{InstanceShape, LoadedModel, ModelChoice};
@@ -189,7 +195,10 @@ struct LengthResult {
     detach_to_destination_token_ms: Option<f64>,
     /// The destination's first token carried the next index.
     destination_continued: bool,
-    /// Time on the source thread inside the state machine (exports, encoding).
+    /// Time on the source thread in the migration's work between steps: the
+    /// core applying the start and the replies, and ending each step (the
+    /// state machine's exports, the core's bookkeeping), messages encoded
+    /// (see `run_source`).
     source_migration_work_ms: f64,
     /// Time on the destination thread handling messages (decoding, imports).
     destination_migration_work_ms: f64,
@@ -573,6 +582,29 @@ async fn bandwidth(link: &Link, total: usize, msg: usize) -> Result<Bandwidth> {
 // One migration
 // ---------------------------------------------------------------------------
 
+/// The source instance's id (its core), as the destination's core sees it.
+const SOURCE: u32 = 0;
+/// The destination instance's id, as the source's core sees it.
+const DESTINATION: u32 = 1;
+/// The one migration of a run.
+const MIGRATION: MigrationId = 1;
+
+/// Carries the core's messages for its peer to the migration stream
+/// (encoded; their bytes are counted), showing each to `seen` first.
+fn transmit(
+    core: &mut InstanceCore<CandleBackend>,
+    link: &tmpsc::UnboundedSender<Vec<u8>>,
+    wire_bytes: &mut u64,
+    mut seen: impl FnMut(&Message),
+) {
+    while let Some(t) = core.poll_transmit() {
+        seen(&t.message);
+        let b = t.message.encode();
+        *wire_bytes += b.len() as u64;
+        let _ = link.send(b);
+    }
+}
+
 /// What the destination thread saw.
 #[derive(Default)]
 struct DestinationSide {
@@ -586,30 +618,52 @@ struct DestinationSide {
     steps_before_commit: Vec<f64>,
 }
 
+impl DestinationSide {
+    /// Notes why the migration's reservation went away without a commit.
+    /// The core does not report a release, so it is read from the core and
+    /// the message flow: the reservation was there (`reserved`), now it is
+    /// not and no `MovedIn` came; `why` is the cause of that call, one of
+    /// the engine's three release reasons (the source's `Abort` it just
+    /// applied, the `Refused` it just replied, or else its idle timeout).
+    fn note_release(
+        &mut self,
+        core: &InstanceCore<CandleBackend>,
+        reserved: &mut bool,
+        why: ReleaseReason,
+    ) {
+        if core.is_incoming(MIGRATION) {
+            *reserved = true;
+        } else if std::mem::take(reserved) && self.committed_us.is_none() {
+            self.released.get_or_insert_with(|| format!("{why:?}"));
+        }
+    }
+}
+
 /// The destination thread, as a llumlet's turn: takes every message that
-/// has arrived, hands it to the state machine, then steps its batch if it
-/// has one (`--destination-others`) or once after the commit (the
-/// request's next token); with nothing to step it waits for the next
-/// message. Ends when the stream closes.
+/// has arrived and hands each to the core (`apply_inputs`, so that the
+/// commit is stamped before any step), then steps its batch if it has one
+/// (`--destination-others`) or once after the commit (the request's next
+/// token); with nothing to step it waits for the next message. Ends when
+/// the stream closes.
 fn run_destination(
-    engine: &mut Engine<CandleBackend>,
-    config: MigrationConfig,
+    core: &mut InstanceCore<CandleBackend>,
     rx: smpsc::Receiver<Vec<u8>>,
     tx: tmpsc::UnboundedSender<Vec<u8>>,
     wire_bytes: &mut u64,
 ) -> Result<DestinationSide> {
-    let mut dest = DestinationMigration::new(config);
     let mut side = DestinationSide::default();
     // Requests of its own (not the migrated one) keep it stepping.
-    let busy = |engine: &Engine<CandleBackend>| {
-        engine.scheduler().running_ids().iter().any(|&s| s != LONG)
-            || engine.scheduler().waiting_ids().iter().any(|&s| s != LONG)
+    let busy = |core: &InstanceCore<CandleBackend>| {
+        let s = core.engine().scheduler();
+        s.running_ids().iter().any(|&r| r != LONG) || s.waiting_ids().iter().any(|&r| r != LONG)
     };
+    // The migration held a reservation here after the last look.
+    let mut reserved = false;
     let mut closed = false;
     while !closed {
         let awaiting_first_token = side.committed_us.is_some() && side.first_token_us.is_none();
         let mut inbox = Vec::new();
-        if !busy(engine) && !awaiting_first_token {
+        if !busy(core) && !awaiting_first_token {
             // As a llumlet: waiting, it asks to wake promptly.
             threads::latency_critical();
             match rx.recv_timeout(Duration::from_millis(50)) {
@@ -628,50 +682,81 @@ fn run_destination(
                 }
             }
         }
-        let now = clock::now_us();
-        if dest.poll_timeout().is_some_and(|t| t <= now) {
-            dest.handle_timeout(engine, now);
-        }
+        // Due timeouts (a reservation its source left silent is freed).
+        core.apply_inputs(clock::now_us());
+        while core.poll_event().is_some() {}
+        transmit(core, &tx, wire_bytes, |_| {});
+        side.note_release(core, &mut reserved, ReleaseReason::Timeout);
+        // One message at a time, as the state machine took them: the
+        // commit's stamp and a release's cause belong to one message.
         for bytes in inbox {
             let started = Instant::now();
             let message = Message::decode(&bytes).context("destination: undecodable message")?;
             drop(bytes);
-            let replies = dest.handle(engine, message, clock::now_us());
+            let abort = match message {
+                Message::Abort { reason, .. } => Some(reason),
+                _ => None,
+            };
+            core.input(Input::Message {
+                peer: SOURCE,
+                message,
+            });
+            core.apply_inputs(clock::now_us());
             // The request is in this engine's batch from here on; replying
             // to the source is not part of its time out of batch.
-            let handled_us = clock::now_us();
-            while let Some(e) = dest.poll_event() {
+            let applied_us = clock::now_us();
+            while let Some(e) = core.poll_event() {
+                if let CoreEvent::MovedIn { request: LONG, .. } = e {
+                    side.committed_us = Some(applied_us);
+                }
+            }
+            let mut refused = None;
+            transmit(core, &tx, wire_bytes, |m| {
+                if let Message::Refused { reason, .. } = m {
+                    refused = Some(*reason);
+                }
+            });
+            let why = match (refused, abort) {
+                (Some(r), _) => ReleaseReason::Refused(r),
+                (None, Some(a)) => ReleaseReason::SourceAborted(a),
+                (None, None) => ReleaseReason::Timeout,
+            };
+            side.note_release(core, &mut reserved, why);
+            side.work += started.elapsed();
+        }
+        let awaiting_first_token = side.committed_us.is_some() && side.first_token_us.is_none();
+        if busy(core) || awaiting_first_token {
+            threads::compute();
+            let started = Instant::now();
+            let turn = core.turn(clock::now_us());
+            let step_ms = ms(started.elapsed());
+            match turn {
+                Turn::Stepping { .. } => {
+                    if side.committed_us.is_none() {
+                        side.steps_before_commit.push(step_ms);
+                    }
+                    core.end_step(clock::now_us());
+                }
+                // A failed step is reported as `StepFailed` below.
+                Turn::Idle | Turn::Stalled | Turn::Failed => {}
+            }
+            while let Some(e) = core.poll_event() {
                 match e {
-                    DestinationEvent::Committed { .. } => side.committed_us = Some(handled_us),
-                    DestinationEvent::Released { reason, .. } => {
-                        side.released = Some(format!("{reason:?}"));
+                    CoreEvent::Token {
+                        request: LONG,
+                        index,
+                        ..
+                    } if side.first_token_us.is_none() => {
+                        side.first_token_us = Some(clock::now_us());
+                        side.first_token_index = Some(index);
+                    }
+                    CoreEvent::StepFailed { message } => {
+                        bail!("destination step failed: {message}")
                     }
                     _ => {}
                 }
             }
-            for r in replies {
-                let b = r.encode();
-                *wire_bytes += b.len() as u64;
-                let _ = tx.send(b);
-            }
-            side.work += started.elapsed();
-        }
-        let awaiting_first_token = side.committed_us.is_some() && side.first_token_us.is_none();
-        if busy(engine) || awaiting_first_token {
-            threads::compute();
-            let started = Instant::now();
-            let report = engine.step(clock::now_us())?;
-            if side.committed_us.is_none() {
-                side.steps_before_commit.push(ms(started.elapsed()));
-            }
-            for e in report.events {
-                if let SeqEvent::Token { seq, index, .. } = e {
-                    if seq == LONG && side.first_token_us.is_none() {
-                        side.first_token_us = Some(clock::now_us());
-                        side.first_token_index = Some(index);
-                    }
-                }
-            }
+            transmit(core, &tx, wire_bytes, |_| {});
         }
     }
     Ok(side)
@@ -688,120 +773,165 @@ struct SourceSide {
     context_at_start: usize,
 }
 
-/// The source side of one migration, on this thread: replies between
-/// steps, the engine stepping throughout.
+/// Reads the source core's events: the request's tokens (`last_index`) and
+/// the migration's end (`outcome`).
+fn source_events(
+    core: &mut InstanceCore<CandleBackend>,
+    last_index: &mut Option<u32>,
+    outcome: &mut Option<MigrationOutcome>,
+) -> Result<()> {
+    while let Some(e) = core.poll_event() {
+        match e {
+            CoreEvent::Token {
+                request: LONG,
+                index,
+                ..
+            } => *last_index = Some(index),
+            CoreEvent::MigrationEnded {
+                migration_id: MIGRATION,
+                report,
+                ..
+            } => match report {
+                MigrationReport::Ended(o) => *outcome = Some(o),
+                MigrationReport::NotStarted(why) => bail!("start: {why}"),
+            },
+            CoreEvent::StepFailed { message } => bail!("source step failed: {message}"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The source side of one migration, on this thread, as a llumlet's turn
+/// over the source's core: replies between steps, the engine stepping
+/// throughout.
+///
+/// `work` (the source's migration work, `source_migration_work_ms`) is the
+/// time, between the steps, of: the start (applying `MigrateOut`: the
+/// `Reserve`); each batch of replies (decoding them, one `apply_inputs`
+/// that hands them to the state machine and runs due timeouts); each
+/// step's end (`end_step`: the state machine's view of the step, that is
+/// the next stage's export or the detach and the last stage, plus the
+/// core's own bookkeeping of the step's tokens and load snapshot); each
+/// with its messages encoded and handed to the stream.
 fn run_source(
-    engine: &mut Engine<CandleBackend>,
-    config: MigrationConfig,
+    core: &mut InstanceCore<CandleBackend>,
     from_dst: smpsc::Receiver<Vec<u8>>,
     to_dst: tmpsc::UnboundedSender<Vec<u8>>,
     wire_bytes: &mut u64,
 ) -> Result<SourceSide> {
-    let mut sm = SourceMigration::new(config, 1, LONG);
-    let mut work = Duration::ZERO;
-    let send = |msgs: Vec<Message>, wire_bytes: &mut u64| {
-        for m in msgs {
-            let b = m.encode();
-            *wire_bytes += b.len() as u64;
-            let _ = to_dst.send(b);
-        }
-    };
-    let context_at_start = engine
+    let context_at_start = core
+        .engine()
         .scheduler()
         .block_manager()
         .num_tokens(LONG)
         .unwrap_or(0);
+    let (mut last_index, mut outcome) = (None, None);
+    let mut work = Duration::ZERO;
     let t = Instant::now();
-    let msgs = sm
-        .start(engine, clock::now_us())
-        .map_err(|e| anyhow!("start: {e}"))?;
-    send(msgs, wire_bytes);
+    core.input(Input::MigrateOut {
+        migration_id: MIGRATION,
+        request: LONG,
+        peer: DESTINATION,
+    });
+    core.apply_inputs(clock::now_us());
+    transmit(core, &to_dst, wire_bytes, |_| {});
     work += t.elapsed();
+    source_events(core, &mut last_index, &mut outcome)?;
     let (mut precopy_steps, mut detached_steps) = (Vec::new(), Vec::new());
-    let mut last_index = None;
     let mut last_step_end = Instant::now();
-    loop {
-        // Replies, between two steps.
+    // Replies not applied yet.
+    let mut inbox: Vec<Vec<u8>> = Vec::new();
+    'migration: while outcome.is_none() {
+        // Replies, between two steps: all that have arrived, and those that
+        // arrive while they are applied (as the state machine took them
+        // one by one until none was left).
         loop {
-            let bytes = match from_dst.try_recv() {
-                Ok(b) => b,
-                Err(smpsc::TryRecvError::Empty) => break,
-                Err(smpsc::TryRecvError::Disconnected) => bail!("the migration stream broke"),
-            };
-            let t = Instant::now();
-            let m = Message::decode(&bytes).context("source: undecodable reply")?;
-            let out = sm
-                .handle(engine, m, clock::now_us())
-                .map_err(|e| anyhow!("source: {e}"))?;
-            send(out, wire_bytes);
-            work += t.elapsed();
-        }
-        if sm.state().is_terminal() {
-            break;
-        }
-        let now = clock::now_us();
-        if sm.poll_timeout().is_some_and(|d| d <= now) {
-            let t = Instant::now();
-            let out = sm
-                .handle_timeout(engine, now)
-                .map_err(|e| anyhow!("source timeout: {e}"))?;
-            send(out, wire_bytes);
-            work += t.elapsed();
-            continue;
-        }
-        if engine.scheduler().is_idle() {
-            // Nothing to decode: wait for the next reply.
-            threads::latency_critical();
-            let wait = sm.poll_timeout().map_or(Duration::from_millis(50), |d| {
-                Duration::from_micros(d.saturating_sub(now))
-            });
-            match from_dst.recv_timeout(wait) {
-                Ok(bytes) => {
-                    let t = Instant::now();
-                    let m = Message::decode(&bytes).context("source: undecodable reply")?;
-                    let out = sm
-                        .handle(engine, m, clock::now_us())
-                        .map_err(|e| anyhow!("source: {e}"))?;
-                    send(out, wire_bytes);
-                    work += t.elapsed();
-                }
-                Err(smpsc::RecvTimeoutError::Timeout) => {}
-                Err(smpsc::RecvTimeoutError::Disconnected) => {
-                    bail!("the migration stream broke")
+            loop {
+                match from_dst.try_recv() {
+                    Ok(b) => inbox.push(b),
+                    Err(smpsc::TryRecvError::Empty) => break,
+                    Err(smpsc::TryRecvError::Disconnected) => {
+                        bail!("the migration stream broke")
+                    }
                 }
             }
-            last_step_end = Instant::now();
-            continue;
+            let timeout_due = core.poll_timeout().is_some_and(|d| d <= clock::now_us());
+            if inbox.is_empty() && !timeout_due {
+                break;
+            }
+            let t = Instant::now();
+            for bytes in inbox.drain(..) {
+                let message = Message::decode(&bytes).context("source: undecodable reply")?;
+                core.input(Input::Message {
+                    peer: DESTINATION,
+                    message,
+                });
+            }
+            core.apply_inputs(clock::now_us());
+            transmit(core, &to_dst, wire_bytes, |_| {});
+            work += t.elapsed();
+            // The core counts a reply its state machine would not take and
+            // goes on (a timeout would end the migration): here that is a
+            // protocol error, as it always was for this bench.
+            ensure!(
+                core.stats().messages_refused == 0,
+                "source: the state machine refused a reply of the destination"
+            );
+            source_events(core, &mut last_index, &mut outcome)?;
+            if outcome.is_some() {
+                break 'migration;
+            }
         }
         let precopy = matches!(
-            sm.state(),
-            SourceState::Reserving | SourceState::Copying { .. }
+            core.outgoing_state(MIGRATION),
+            Some(SourceState::Reserving | SourceState::Copying { .. })
         );
         threads::compute();
-        let report = engine.step(clock::now_us())?;
-        let end = Instant::now();
-        for e in &report.events {
-            if let SeqEvent::Token {
-                seq: LONG, index, ..
-            } = e
-            {
-                last_index = Some(*index);
+        match core.turn(clock::now_us()) {
+            Turn::Stepping { .. } => {
+                // The step ran inside the turn: it ends now.
+                let end = Instant::now();
+                core.end_step(clock::now_us());
+                transmit(core, &to_dst, wire_bytes, |_| {});
+                work += end.elapsed();
+                let wall = ms(end - last_step_end);
+                last_step_end = end;
+                if precopy {
+                    precopy_steps.push(wall);
+                } else {
+                    detached_steps.push(wall);
+                }
             }
+            Turn::Idle | Turn::Stalled => {
+                // Nothing to decode: wait for the next reply.
+                transmit(core, &to_dst, wire_bytes, |_| {});
+                source_events(core, &mut last_index, &mut outcome)?;
+                if outcome.is_some() {
+                    break;
+                }
+                threads::latency_critical();
+                let now = clock::now_us();
+                let wait = core.poll_timeout().map_or(Duration::from_millis(50), |d| {
+                    Duration::from_micros(d.saturating_sub(now))
+                });
+                match from_dst.recv_timeout(wait) {
+                    Ok(bytes) => inbox.push(bytes),
+                    Err(smpsc::RecvTimeoutError::Timeout) => {}
+                    Err(smpsc::RecvTimeoutError::Disconnected) => {
+                        bail!("the migration stream broke")
+                    }
+                }
+                last_step_end = Instant::now();
+                continue;
+            }
+            // Reported as `StepFailed` (an error) below.
+            Turn::Failed => {}
         }
-        let wall = ms(end - last_step_end);
-        last_step_end = end;
-        if precopy {
-            precopy_steps.push(wall);
-        } else {
-            detached_steps.push(wall);
-        }
-        let t = Instant::now();
-        let out = sm.on_engine_step(engine, clock::now_us());
-        send(out, wire_bytes);
-        work += t.elapsed();
+        source_events(core, &mut last_index, &mut outcome)?;
     }
     Ok(SourceSide {
-        outcome: sm.outcome().cloned().context("terminal without outcome")?,
+        outcome: outcome.context("the migration ended without an outcome")?,
         precopy_steps,
         detached_steps,
         work,
@@ -895,7 +1025,10 @@ fn measure_length(
     last_recompute: &mut Option<(usize, f64)>,
     measure_recompute: bool,
 ) -> Result<std::result::Result<LengthResult, String>> {
-    let max_context = model.config.max_position;
+    let llama = model
+        .llama_config()
+        .with_context(|| format!("{} is not a transformer", model.name))?;
+    let max_context = llama.max_position;
     if length > max_context {
         return Ok(Err(format!(
             "longer than the model's context ({max_context} tokens)"
@@ -910,7 +1043,7 @@ fn measure_length(
     // The requests, a migration's slack, and vLLM's 1% watermark on top.
     let used = long_blocks + args.others.max(args.destination_others) * other_blocks + 16;
     let num_blocks = used * 100 / 99 + 2;
-    let kv_per_block = model.config.kv_bytes_per_token() * BLOCK;
+    let kv_per_block = llama.kv_bytes_per_token() * BLOCK;
     if num_blocks * kv_per_block > args.max_pool_mib << 20 {
         return Ok(Err(format!(
             "a KV pool of {num_blocks} blocks ({} MiB) is over --max-pool-mib {}",
@@ -926,7 +1059,7 @@ fn measure_length(
     let backend = |_: ()| model.backend(&shape).map_err(|e| anyhow!(e));
     let mut src = Engine::new(sched.clone(), backend(())?)?;
     let mut dst = Engine::new(sched, backend(())?)?;
-    let vocab = model.config.vocab;
+    let vocab = llama.vocab;
     let long_prompt = prompt(0x5eed ^ length as u64, prompt_tokens, vocab);
 
     // Baseline: what a migration by recompute costs, a prefill of the
@@ -1003,8 +1136,15 @@ fn measure_length(
         .map(|s| s.output_tokens)
         .context("the long request is gone")?;
 
-    // The migration.
-    let config = MigrationConfig::default();
+    // The migration, each engine wrapped in an instance's core (its
+    // requests so far are served by it).
+    let config = CoreConfig {
+        migration: MigrationConfig::default(),
+        idle_publish_us: None,
+        ..Default::default()
+    };
+    let mut src = InstanceCore::new(SOURCE, src, config.clone());
+    let mut dst = InstanceCore::new(DESTINATION, dst, config);
     let (src_out_tx, src_out_rx) = tmpsc::unbounded_channel();
     let (src_in_tx, src_in_rx) = smpsc::channel();
     let (dst_in_tx, dst_in_rx) = smpsc::channel();
@@ -1017,18 +1157,10 @@ fn measure_length(
     let src_task = rt.spawn(source_stream(link.client.clone(), src_out_rx, src_in_tx));
     let (mut src_wire, mut dst_wire) = (0u64, 0u64);
     let (source, destination) = std::thread::scope(|scope| {
-        let dst_cfg = config.clone();
         let dst_ref = &mut dst;
         let dst_wire = &mut dst_wire;
-        let handle =
-            scope.spawn(move || run_destination(dst_ref, dst_cfg, dst_in_rx, dst_out_tx, dst_wire));
-        let source = run_source(
-            &mut src,
-            config.clone(),
-            src_in_rx,
-            src_out_tx,
-            &mut src_wire,
-        );
+        let handle = scope.spawn(move || run_destination(dst_ref, dst_in_rx, dst_out_tx, dst_wire));
+        let source = run_source(&mut src, src_in_rx, src_out_tx, &mut src_wire);
         let destination = handle
             .join()
             .map_err(|_| anyhow!("the destination thread panicked"));
@@ -1146,6 +1278,9 @@ fn measure_model(
         return Ok(empty(why));
     }
     let model = LoadedModel::load(&choice).map_err(|e| anyhow!(e))?;
+    let llama = model
+        .llama_config()
+        .with_context(|| format!("{name} is not a transformer"))?;
     let backend = model
         .backend(&InstanceShape {
             num_blocks: 1,
@@ -1234,8 +1369,8 @@ fn measure_model(
         model: model.name.clone(),
         skipped: None,
         backend,
-        max_context: model.config.max_position,
-        kv_bytes_per_token: model.config.kv_bytes_per_token(),
+        max_context: llama.max_position,
+        kv_bytes_per_token: llama.kv_bytes_per_token(),
         results,
         skipped_lengths,
         downtime,

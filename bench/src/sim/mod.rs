@@ -132,9 +132,7 @@ impl SimConfig {
     /// default protocol (16-block last stage, 3 pre-copy stages) and 1 ms per
     /// message; no auto-scaling; a sample every second.
     pub fn new(instances: u32, profile: Arc<LatencyProfile>, policies: PolicySet) -> Self {
-        let mut scheduler =
-            SchedulerConfig::with_blocks(profile.num_blocks(), profile.block_size());
-        scheduler.max_batched_tokens = profile.max_batched_tokens().max(scheduler.max_batch_size);
+        let scheduler = profile.scheduler_config();
         Self {
             instances,
             profile,
