@@ -79,6 +79,10 @@ pub struct Args {
     /// The `llumen` binary to spawn (default: next to this one).
     #[arg(long)]
     llumen: Option<PathBuf>,
+    /// Directory for each side's per-request records
+    /// (`POLICY-sim.json`, `POLICY-live.json`) and `fidelity.json`.
+    #[arg(long, default_value = "target/bench/fidelity")]
+    out: PathBuf,
     /// Print one JSON document on stdout.
     #[arg(long)]
     json: bool,
@@ -177,6 +181,8 @@ pub fn run(args: &Args) -> Result<()> {
         Some(p) => format!("profile:{}", p.display()),
         None => "profile".to_string(),
     };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let mut rows = Vec::new();
     for policy in &args.policies {
         // The simulator.
@@ -211,7 +217,7 @@ pub fn run(args: &Args) -> Result<()> {
                 instances: args.instances,
                 blocks: args.blocks,
                 serve_args: format!(
-                    "--migration-period-ms {} --max-migrations-per-instance 1 --policy-dir {} --http 127.0.0.1:0",
+                    "--migration-period-ms {} --max-migrations-per-instance 1 --policy-dir {}",
                     args.migration_period_ms,
                     policy_dir.display()
                 ),
@@ -231,6 +237,11 @@ pub fn run(args: &Args) -> Result<()> {
         let live_wall = live_started.elapsed().as_secs_f64();
         drop(server);
         let live_summary = report::summarize(&live_records, &live_fleet);
+        for (side, records) in [("sim", &sim_out.records), ("live", &live_records)] {
+            let path = args.out.join(format!("{policy}-{side}.json"));
+            std::fs::write(&path, serde_json::to_string(records)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
 
         let (pm, pp, rm, rp) = compare(&sim_summary, &live_summary);
         let target_met = pm.within(0.10) && rm.within(0.10) && pp.within(0.20) && rp.within(0.20);
@@ -270,6 +281,10 @@ pub fn run(args: &Args) -> Result<()> {
         policies: rows,
     };
     print_table(&report);
+    let path = args.out.join("fidelity.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("fidelity: records and figures in {}", args.out.display());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }

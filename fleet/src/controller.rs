@@ -193,6 +193,10 @@ pub struct ControllerConfig {
     /// its start time in µs, so ids stay unique across restarts for joined
     /// instances that outlive a manager.
     pub first_migration_id: MigrationId,
+    /// Longest prompt + `max_tokens` an instance serves (`None`: no check).
+    /// A longer request is refused at admission, before any policy sees
+    /// it (so it takes no dispatch decision, e.g. no round-robin turn).
+    pub max_total_tokens: Option<u32>,
 }
 
 impl Default for ControllerConfig {
@@ -203,6 +207,7 @@ impl Default for ControllerConfig {
             max_instances: 1,
             migrate: true,
             first_migration_id: 1,
+            max_total_tokens: None,
         }
     }
 }
@@ -298,6 +303,15 @@ pub enum MigrationNotStarted {
         /// Its migration in flight.
         migration_id: MigrationId,
     },
+}
+
+/// Why [`Controller::admit`] refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[error("prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the model's limit of {limit} tokens")]
+pub struct TooLong {
+    pub prompt_tokens: u32,
+    pub max_tokens: u32,
+    pub limit: u32,
 }
 
 /// Why [`Controller::migrate_now`] started nothing.
@@ -660,6 +674,23 @@ impl Controller {
     }
 
     // ----- requests -----
+
+    /// Admission: whether an instance can serve the request at all
+    /// (`max_total_tokens`). A refusal is counted as rejected.
+    pub fn admit(&mut self, meta: &RequestMeta) -> Result<(), TooLong> {
+        let Some(limit) = self.config.max_total_tokens else {
+            return Ok(());
+        };
+        if u64::from(meta.prompt_tokens) + u64::from(meta.max_tokens) > u64::from(limit) {
+            self.stats.rejected += 1;
+            return Err(TooLong {
+                prompt_tokens: meta.prompt_tokens,
+                max_tokens: meta.max_tokens,
+                limit,
+            });
+        }
+        Ok(())
+    }
 
     /// Asks the priority policy about a new request and sets its
     /// `priority`.

@@ -401,6 +401,7 @@ impl Manager {
             migrate: config.migrate,
             // Unique across restarts (joined instances may outlive a run).
             first_migration_id: started_us,
+            max_total_tokens: Some(u32::try_from(config.max_model_len).unwrap_or(u32::MAX)),
         });
         Self {
             inner: Arc::new(Inner {
@@ -1035,29 +1036,23 @@ impl Manager {
     fn submit_inner(&self, request: GenerateRequest) -> Result<Generation, ServeError> {
         request.validate()?;
         let prompt = self.inner.codec.encode(&request.input)?;
-        let max_len = self.inner.config.max_model_len;
-        if prompt.len() + request.max_tokens as usize > max_len {
-            return Err(ServeError::new(
-                ErrorCode::PromptTooLong,
-                format!(
-                    "prompt of {} tokens plus max_tokens {} exceeds the model's limit of {max_len} tokens",
-                    prompt.len(),
-                    request.max_tokens
-                ),
-            ));
-        }
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let arrival_us = clock::now_us();
         let mut meta = RequestMeta {
             id,
-            prompt_tokens: prompt.len() as u32,
+            prompt_tokens: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
             max_tokens: request.max_tokens,
             requested_priority: request.priority,
             priority: request.priority,
             prefix_hash: prefix_hash(&prompt),
             arrival_us,
         };
-        let priority = lock(&self.inner.controller).prioritize(&mut self.decide(), &mut meta);
+        let priority = {
+            let mut c = lock(&self.inner.controller);
+            c.admit(&meta)
+                .map_err(|e| ServeError::new(ErrorCode::PromptTooLong, e.to_string()))?;
+            c.prioritize(&mut self.decide(), &mut meta)
+        };
         let mut stop_token_ids = request.stop_token_ids.clone();
         if !request.ignore_eos {
             stop_token_ids.extend(self.inner.codec.eos());

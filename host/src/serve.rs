@@ -167,7 +167,9 @@ pub async fn run_serve(
         Some(b) => b,
         None => config.block_size,
     };
-    let max_model_len = model.max_model_len(&shape);
+    // What an instance's scheduler accepts: the manager refuses anything
+    // longer at admission (the simulator applies the same rule).
+    let max_model_len = model.scheduler_config(&shape).max_total_tokens();
     anyhow::ensure!(max_model_len > 0, "instances of {shape:?} hold no tokens");
 
     let factory: LocalFactory = {

@@ -256,6 +256,10 @@ impl<'a> World<'a> {
             min_instances,
             max_instances,
             migrate: cfg.migration,
+            // The server's admission rule: what an instance's scheduler takes.
+            max_total_tokens: Some(
+                u32::try_from(cfg.scheduler.max_total_tokens()).unwrap_or(u32::MAX),
+            ),
             ..ControllerConfig::default()
         });
         Ok(Self {
@@ -806,6 +810,15 @@ impl<'a> World<'a> {
             prefix_hash: mix(u64::from(seq) ^ 0x7072_6566_6978),
             arrival_us: self.now,
         };
+        if let Err(too_long) = self.controller.admit(&meta) {
+            // Refused before any policy sees it, as the server does.
+            self.stats.rejected_requests += 1;
+            let r = &mut self.reqs[seq as usize];
+            r.error = Some(too_long.to_string());
+            r.done = true;
+            self.done += 1;
+            return Ok(());
+        }
         let priority = with_decide!(self, d, self.controller.prioritize(&mut d, &mut meta));
         self.place(Assign {
             request: u64::from(seq),
