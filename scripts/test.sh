@@ -20,3 +20,5 @@ export LLUMEN_OPENAI_PYTHON
 # The shared policy logic belongs to the guest workspace; test it natively there.
 cargo test --locked --manifest-path policies/logic/Cargo.toml
 cargo test --locked --workspace
+# Every llumen-bench subcommand once, in a short mode (same dev build).
+scripts/bench-smoke.sh

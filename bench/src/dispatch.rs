@@ -37,13 +37,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use llumen_host::api::ServeError;
-use llumen_host::llumlet::{EventSender, LoadSink};
-use llumen_host::manager::{InstanceLink, Manager, ManagerConfig};
-use llumen_host::metrics::Metrics;
-use llumen_host::model::TextCodec;
+use llumen_host::control::llumlet::{EventSender, LoadSink};
+use llumen_host::control::manager::{InstanceLink, Manager, ManagerConfig};
+use llumen_host::control::metrics::Metrics;
+use llumen_host::front::api::ServeError;
 use llumen_host::policy::{PolicyKind, PolicyRuntime, RuntimeConfig, StoreHistory};
-use llumen_host::protocol::Assignment;
+use llumen_host::process::model::TextCodec;
+use llumen_host::transport::protocol::Assignment;
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate, RequestMeta};
 use serde::Serialize;
 
@@ -109,8 +109,11 @@ impl InstanceLink for BenchLink {
         _request: u64,
         _destination: u32,
         _addr: std::net::SocketAddr,
-        _transport: &Arc<llumen_host::migration::MigrationTransport>,
-    ) -> Result<tokio::sync::oneshot::Receiver<llumen_host::llumlet::MigrationReport>, String> {
+        _transport: &Arc<llumen_host::transport::migration::MigrationTransport>,
+    ) -> Result<
+        tokio::sync::oneshot::Receiver<llumen_host::control::llumlet::MigrationReport>,
+        String,
+    > {
         Err("the dispatch benchmark's instances run nothing".into())
     }
 }

@@ -32,9 +32,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use llumen_host::admin::AdminCommand;
-use llumen_host::api::{GenerateEvent, GenerateRequest, PromptInput};
-use llumen_host::client::{trust_from, Client};
+use llumen_host::front::admin::AdminCommand;
+use llumen_host::front::api::{GenerateEvent, GenerateRequest, PromptInput};
+use llumen_host::front::client::{trust_from, Client};
 
 use crate::record::{FleetRecord, RequestRecord, RequestSpec};
 use crate::report;
@@ -170,7 +170,7 @@ pub fn run(args: &Args) -> Result<()> {
                     let dir = args
                         .data_dir
                         .clone()
-                        .unwrap_or_else(llumen_host::client::default_data_dir);
+                        .unwrap_or_else(llumen_host::front::client::default_data_dir);
                     rt.block_on(drive(addr, &dir, None, &drive_args))?
                 }
                 Some(p) => {
@@ -438,8 +438,10 @@ async fn drive(
     // The server's migration counters before and after the run (its admin
     // token from the data directory); the run's migrations are the
     // difference.
-    let token = llumen_host::tls::read_token(&data_dir.join(llumen_host::tls::TOKEN_FILE))
-        .map_err(|e| anyhow!("the server's admin token (for its migration counters): {e}"))?;
+    let token = llumen_host::transport::tls::read_token(
+        &data_dir.join(llumen_host::transport::tls::TOKEN_FILE),
+    )
+    .map_err(|e| anyhow!("the server's admin token (for its migration counters): {e}"))?;
     let migrations_before = migration_counts(&clients[0], &token).await?;
     let started = Instant::now();
     let wall = Instant::now();

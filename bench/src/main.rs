@@ -62,7 +62,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    llumen_host::model::pin_cpu_threads();
+    llumen_host::process::model::pin_cpu_threads();
     match Cli::parse().command {
         Command::PolicyOverhead(args) => policy_overhead::run(&args),
         Command::Dispatch(args) => dispatch::run(&args),

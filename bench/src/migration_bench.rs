@@ -27,7 +27,7 @@
 //!   along and, like a llumlet, takes the migration's messages only between
 //!   its steps (applying them with `apply_inputs` before its next step, so
 //!   that the commit can be stamped). Both follow the llumlet's scheduling
-//!   hints (`llumen_host::threads`): a short kernel time slice while
+//!   hints (`llumen_host::process::threads`): a short kernel time slice while
 //!   waiting and for the tokio workers, the default one while stepping.
 //!   Every message crosses one QUIC stream of a warm loopback connection
 //!   (the host's TLS identity and transport config,
@@ -74,13 +74,13 @@ use llumen_engine::{
     Request, SamplingParams, SeqId, SourceState, TokenId,
 };
 use llumen_fleet::{CoreConfig, CoreEvent, Input, InstanceCore, MigrationReport, Turn};
-use llumen_host::clock;
-use llumen_host::migration::{write_message, MessageReader};
-use llumen_host::model::{InstanceShape, LoadedModel, ModelChoice};
-use llumen_host::protocol::MAX_MIGRATION_CHUNK;
-use llumen_host::threads;
-use llumen_host::tls::{self, Trust};
-use llumen_host::wire::FrameReader;
+use llumen_host::process::clock;
+use llumen_host::process::model::{InstanceShape, LoadedModel, ModelChoice};
+use llumen_host::process::threads;
+use llumen_host::transport::migration::{write_message, MessageReader};
+use llumen_host::transport::protocol::MAX_MIGRATION_CHUNK;
+use llumen_host::transport::tls::{self, Trust};
+use llumen_host::transport::wire::FrameReader;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc as tmpsc;
@@ -300,7 +300,7 @@ struct ConfigReport {
     warmup_steps: usize,
     before_steps: usize,
     /// The slice the transport's and the waiting engines' threads ask for
-    /// (`llumen_host::threads`, `LLUMEN_SHORT_SLICE_US`), µs; 0: off.
+    /// (`llumen_host::process::threads`, `LLUMEN_SHORT_SLICE_US`), µs; 0: off.
     short_slice_us: u64,
 }
 

@@ -247,6 +247,12 @@ fn measure(bytes: &[u8], instances: u32, args: &Args) -> Result<(FleetSizeResult
             answers[0] == answers[2] && answers[1] == answers[2],
             "wasm and native disagree at call {k}"
         );
+        // The runtime counts a dispatched request at its instance until that
+        // instance's next snapshot (`PolicyRuntime::dispatch`): so does the
+        // native view, untimed, as in host/tests/policy_runtime.rs.
+        if let Some(load) = answers[2].and_then(|i| fleet.get(i).copied()) {
+            fleet.upsert([load.with_dispatched(request.prompt_tokens)]);
+        }
         dispatch.full_list.push(time(|| {
             dispatch_instance.reset(&to_wit(&fleet)).expect("reset");
             dispatch_instance

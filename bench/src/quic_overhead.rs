@@ -9,7 +9,7 @@
 //!   llumen framing: open a stream, write 64 bytes, finish, read the echo to
 //!   its end. The floor any QUIC request pays.
 //! - `framing`: the same shape through llumen's protocol, no manager and no
-//!   engine behind it: `llumen_host::client::Client` sends a `Generate`
+//!   engine behind it: `llumen_host::front::client::Client` sends a `Generate`
 //!   frame; a stub server reads it with `FrameReader` (the real server's
 //!   decoder limits) and answers one `Tokens` and one `Finished` frame,
 //!   which the client collects. Isolates protocol + codec cost.
@@ -30,12 +30,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use llumen_host::api::{FinishReason, FinishRecord, GenerateRequest, TokenChunk};
-use llumen_host::client::Client;
-use llumen_host::protocol::{self, Frame, FrameDecoder};
-use llumen_host::serve::{run_serve, Ready, ServeConfig};
-use llumen_host::tls::{self, Trust};
-use llumen_host::wire::{write_frame, FrameReader};
+use llumen_host::front::api::{FinishReason, FinishRecord, GenerateRequest, TokenChunk};
+use llumen_host::front::client::Client;
+use llumen_host::process::serve::{run_serve, Ready, ServeConfig};
+use llumen_host::transport::protocol::{self, Frame, FrameDecoder};
+use llumen_host::transport::tls::{self, Trust};
+use llumen_host::transport::wire::{write_frame, FrameReader};
 use serde::Serialize;
 
 #[derive(clap::Args)]

@@ -27,12 +27,12 @@ use std::fmt;
 use llumen_engine::{
     AbortReason, MigratedSequence, MigrationMessage, RefuseReason, SamplingParams, SplitMix64,
 };
-use llumen_host::admin::{self, AdminCommand};
-use llumen_host::api::{
+use llumen_host::front::admin::{self, AdminCommand};
+use llumen_host::front::api::{
     ChatTurn, ErrorCode, FinishReason, FinishRecord, GenerateRequest, PromptInput, ServeError,
     TokenChunk,
 };
-use llumen_host::protocol::{
+use llumen_host::transport::protocol::{
     self, decode, encode, limit_by_kind, parse_migration_chunk_header, Assignment, Frame,
     FrameDecoder, JoinInfo, LEN_BYTES, MAX_ADMIN_FRAME, MIGRATION_CHUNK_HEADER,
 };

@@ -6,23 +6,14 @@
 //! outside world. It must never reach into an engine's internals (only its
 //! public step/load API) nor let a policy touch anything but the values the
 //! runtime hands it.
+//!
+//! Grouped by layer: [`control`] (the manager, the llumlets, shadows,
+//! metrics), [`transport`] (bytes on the wire), [`front`] (the front ends
+//! and the serving API they speak), [`process`] (assembling and running a
+//! process) and [`policy`] (the policy runtime).
 
-pub mod admin;
-pub mod api;
-pub mod client;
-pub mod clock;
-pub mod http;
-pub mod instance;
-pub mod llumlet;
-pub mod manager;
-pub mod metrics;
-pub mod migration;
-pub mod model;
+pub mod control;
+pub mod front;
 pub mod policy;
-pub mod protocol;
-pub mod serve;
-pub mod server;
-pub mod shadow;
-pub mod threads;
-pub mod tls;
-pub mod wire;
+pub mod process;
+pub mod transport;

@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use llumen_host::admin::AdminCommand;
-use llumen_host::api::{GenerateEvent, GenerateRequest};
-use llumen_host::client::{default_data_dir, trust_from, Client};
-use llumen_host::model::{LoadedModel, ModelChoice};
+use llumen_host::front::admin::AdminCommand;
+use llumen_host::front::api::{GenerateEvent, GenerateRequest};
+use llumen_host::front::client::{default_data_dir, trust_from, Client};
 use llumen_host::policy::{componentize, PolicyRuntime, RuntimeConfig};
-use llumen_host::serve::{run_serve, ServeConfig};
-use llumen_host::tls;
+use llumen_host::process::model::{LoadedModel, ModelChoice};
+use llumen_host::process::serve::{run_serve, ServeConfig};
+use llumen_host::transport::tls;
 
 #[derive(Parser)]
 #[command(
@@ -306,7 +306,7 @@ enum PolicyCommand {
 }
 
 fn main() -> Result<()> {
-    llumen_host::model::pin_cpu_threads();
+    llumen_host::process::model::pin_cpu_threads();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -324,7 +324,7 @@ fn main() -> Result<()> {
         } => inspect(&files, json),
         other => {
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .on_thread_start(llumen_host::threads::latency_critical)
+                .on_thread_start(llumen_host::process::threads::latency_critical)
                 .enable_all()
                 .build()?;
             rt.block_on(run(other))
@@ -345,7 +345,7 @@ async fn shutdown_signal() {
 fn target(t: &str) -> Result<(Option<String>, Vec<u8>)> {
     let path = Path::new(t);
     if path.exists() {
-        Ok((None, llumen_host::admin::read_component(path)?))
+        Ok((None, llumen_host::front::admin::read_component(path)?))
     } else if t.len() >= 4 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok((Some(t.to_string()), Vec::new()))
     } else {
@@ -354,7 +354,7 @@ fn target(t: &str) -> Result<(Option<String>, Vec<u8>)> {
 }
 
 fn time_arg(t: &str) -> Result<u64> {
-    let now = llumen_host::clock::now_us();
+    let now = llumen_host::process::clock::now_us();
     if let Some(secs) = t.strip_suffix('s') {
         let secs: f64 = secs.parse().with_context(|| format!("bad time {t:?}"))?;
         Ok(now.saturating_sub((secs * 1e6) as u64))
@@ -422,8 +422,8 @@ async fn run(command: Command) -> Result<()> {
             );
             let token = conn.token()?;
             let (identity, _) = tls::load_or_create_identity(&conn.data_dir())?;
-            llumen_host::instance::run_instance(
-                llumen_host::instance::JoinOptions {
+            llumen_host::process::instance::run_instance(
+                llumen_host::process::instance::JoinOptions {
                     addr: join,
                     trust,
                     token,
@@ -451,11 +451,12 @@ async fn run(command: Command) -> Result<()> {
         } => {
             let mut request = GenerateRequest::text(prompt.clone(), max_tokens);
             if !raw {
-                request.input =
-                    llumen_host::api::PromptInput::Chat(vec![llumen_host::api::ChatTurn {
+                request.input = llumen_host::front::api::PromptInput::Chat(vec![
+                    llumen_host::front::api::ChatTurn {
                         role: "user".into(),
                         content: prompt,
-                    }]);
+                    },
+                ]);
             }
             request.priority = priority;
             request.temperature = temperature;
@@ -572,7 +573,7 @@ async fn run(command: Command) -> Result<()> {
                 Ok(())
             }
             PolicyCommand::Install { conn, file } => {
-                let bytes = llumen_host::admin::read_component(&file)?;
+                let bytes = llumen_host::front::admin::read_component(&file)?;
                 print_json(&admin(&conn, AdminCommand::PolicyInstall, &bytes).await?)
             }
             PolicyCommand::Swap {

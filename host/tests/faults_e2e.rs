@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Rng, Server};
-use llumen_host::admin::AdminCommand;
-use llumen_host::api::{GenerateRequest, ServeError};
-use llumen_host::client::{Client, ClientError, Completion};
+use llumen_host::front::admin::AdminCommand;
+use llumen_host::front::api::{GenerateRequest, ServeError};
+use llumen_host::front::client::{Client, ClientError, Completion};
 use llumen_store::{JournalEvent, JournalOutcome};
 
 /// KV blocks of every instance: small, so that a round's requests fill

@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Server;
-use llumen_host::admin::AdminCommand;
-use llumen_host::api::GenerateRequest;
-use llumen_host::client::{Client, ClientError};
+use llumen_host::front::admin::AdminCommand;
+use llumen_host::front::api::GenerateRequest;
+use llumen_host::front::client::{Client, ClientError};
 use llumen_host::policy::LatencySummary;
 use serde_json::Value;
 

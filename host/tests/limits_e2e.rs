@@ -7,9 +7,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Server;
-use llumen_host::api::{ErrorCode, GenerateRequest};
-use llumen_host::protocol::{encode, Frame, MAX_REQUEST_FRAME};
-use llumen_host::wire::FrameReader;
+use llumen_host::front::api::{ErrorCode, GenerateRequest};
+use llumen_host::transport::protocol::{encode, Frame, MAX_REQUEST_FRAME};
+use llumen_host::transport::wire::FrameReader;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_loris_stream_times_out_and_the_connection_carries_on() {

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Server;
-use llumen_host::api::{GenerateEvent, GenerateRequest};
-use llumen_host::client::{trust_from, Client, ClientError};
+use llumen_host::front::api::{GenerateEvent, GenerateRequest};
+use llumen_host::front::client::{trust_from, Client, ClientError};
 
 const CLIENTS: usize = 1_000;
 const MAX_TOKENS: u32 = 8;

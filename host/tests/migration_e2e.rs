@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Server;
-use llumen_host::admin::AdminCommand;
-use llumen_host::api::GenerateRequest;
-use llumen_host::client::{Client, Completion};
+use llumen_host::front::admin::AdminCommand;
+use llumen_host::front::api::GenerateRequest;
+use llumen_host::front::client::{Client, Completion};
 
 fn prompts() -> Vec<String> {
     (0..8)

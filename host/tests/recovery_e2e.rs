@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Server;
-use llumen_host::admin::AdminCommand;
-use llumen_host::api::GenerateRequest;
-use llumen_host::client::{Client, ClientError, Completion};
+use llumen_host::front::admin::AdminCommand;
+use llumen_host::front::api::GenerateRequest;
+use llumen_host::front::client::{Client, ClientError, Completion};
 use llumen_store::JournalEvent;
 
 /// Requests running at the crash get these distinct `max_tokens` (base +

@@ -11,10 +11,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{http, sse_events, Server};
-use llumen_host::admin::AdminCommand;
-use llumen_host::api::{ErrorCode, GenerateRequest, PromptInput};
-use llumen_host::client::ClientError;
-use llumen_host::protocol::{self, Frame};
+use llumen_host::front::admin::AdminCommand;
+use llumen_host::front::api::{ErrorCode, GenerateRequest, PromptInput};
+use llumen_host::front::client::ClientError;
+use llumen_host::transport::protocol::{self, Frame};
 
 fn sha_of(file: &Path) -> String {
     let out = Command::new(common::llumen())
@@ -44,10 +44,10 @@ fn active_sha(status: &serde_json::Value, kind: &str) -> String {
 
 /// Sends one request on a task of its own; its collected completion.
 fn spawn_generate(
-    client: &std::sync::Arc<llumen_host::client::Client>,
+    client: &std::sync::Arc<llumen_host::front::client::Client>,
     prompt: String,
     max_tokens: u32,
-) -> tokio::task::JoinHandle<Result<llumen_host::client::Completion, ClientError>> {
+) -> tokio::task::JoinHandle<Result<llumen_host::front::client::Completion, ClientError>> {
     let client = client.clone();
     tokio::spawn(async move {
         client
@@ -478,7 +478,7 @@ async fn bad_input_gets_typed_errors_and_the_server_keeps_serving() {
         "one instance: both policies agree"
     );
     let infaas = std::fs::read(common::policy_dir().join("infaas.wasm")).unwrap();
-    let now = llumen_host::clock::now_us();
+    let now = llumen_host::process::clock::now_us();
     let replay = client
         .admin(
             &token,

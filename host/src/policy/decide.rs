@@ -15,7 +15,7 @@ use llumen_policy_logic::{
 };
 
 use super::{Answer, Decision, DecisionSource, PolicyKind, PolicyRuntime, Question};
-use crate::shadow::Shadows;
+use crate::control::shadow::Shadows;
 
 /// Asks `runtime` for the controller. Cheap: build one per round or request.
 pub struct RuntimeDecide<'a> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llumen_host::client::{trust_from, Client};
+use llumen_host::front::client::{trust_from, Client};
 
 pub fn llumen() -> &'static str {
     env!("CARGO_BIN_EXE_llumen")
@@ -125,7 +125,10 @@ impl Server {
     }
 
     pub fn token(&self) -> String {
-        llumen_host::tls::read_token(&self.data_dir.join(llumen_host::tls::TOKEN_FILE)).unwrap()
+        llumen_host::transport::tls::read_token(
+            &self.data_dir.join(llumen_host::transport::tls::TOKEN_FILE),
+        )
+        .unwrap()
     }
 
     /// Runs a `llumen` client command against this server.
@@ -248,7 +251,7 @@ pub fn join_instance(
 pub async fn wait_for_loads(client: &Client, token: &str, n: usize) {
     for _ in 0..200 {
         let s = client
-            .admin(token, &llumen_host::admin::AdminCommand::Status, &[])
+            .admin(token, &llumen_host::front::admin::AdminCommand::Status, &[])
             .await
             .unwrap();
         let loads = s["instances"]
@@ -324,7 +327,7 @@ pub fn join_instance_with(
 /// `llumen status` through an admin stream.
 pub async fn status(client: &Client, token: &str) -> serde_json::Value {
     client
-        .admin(token, &llumen_host::admin::AdminCommand::Status, &[])
+        .admin(token, &llumen_host::front::admin::AdminCommand::Status, &[])
         .await
         .expect("status")
 }

@@ -19,9 +19,9 @@ use llumen_engine::{
     StreamDecoder, Tokenizer,
 };
 
-use crate::llumlet::{Llumlet, LoadSink, Routes};
+use crate::control::llumlet::{Llumlet, LoadSink, Routes};
 
-use crate::api::{ChatTurn, ErrorCode, PromptInput, ServeError};
+use crate::front::api::{ChatTurn, ErrorCode, PromptInput, ServeError};
 
 /// Fixes the CPU thread count candle's matmul uses (`RAYON_NUM_THREADS`,
 /// unless already set) to the machine's parallelism. Without it candle 0.11

@@ -6,7 +6,7 @@
 //! Owns the streams and the chunking of large messages (a pre-copy stage of
 //! a long context is hundreds of MB). The protocol itself (reserve, stages,
 //! commit, aborts, timeouts) is the engine's pure state machine, run by the
-//! llumlets ([`crate::llumlet`]); this module must never interpret
+//! llumlets ([`crate::control::llumlet`]); this module must never interpret
 //! messages, only move them. A broken stream is reported to the source as a
 //! lost link (it gives the migration up and keeps, or requeues, the
 //! request); the destination frees its reservation by its idle timeout.
@@ -15,12 +15,12 @@ use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
 
-use crate::llumlet::{Mailbox, MigrationLink};
+use crate::control::llumlet::{Mailbox, MigrationLink};
 use bytes::Bytes;
 
-use crate::protocol::{self, Frame, MAX_MIGRATION_CHUNK};
-use crate::tls::{self, Trust};
-use crate::wire::{write_frame, FrameReader, WireError};
+use crate::transport::protocol::{self, Frame, MAX_MIGRATION_CHUNK};
+use crate::transport::tls::{self, Trust};
+use crate::transport::wire::{write_frame, FrameReader, WireError};
 
 /// Largest migration message reassembled from chunks.
 pub const MAX_MIGRATION_MESSAGE: usize = 2 << 30;
@@ -216,7 +216,7 @@ impl MigrationTransport {
                 .map_err(|e| e.to_string())?;
                 let mut replies = MessageReader::new(FrameReader::new(
                     recv,
-                    crate::protocol::MAX_MIGRATION_CHUNK + 64,
+                    crate::transport::protocol::MAX_MIGRATION_CHUNK + 64,
                 ));
                 let mut sending = true;
                 let mut sent = 0usize;
@@ -322,7 +322,7 @@ pub async fn serve_incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::encode;
+    use crate::transport::protocol::encode;
 
     /// A loopback QUIC connection with migration's client config: (client
     /// side, server side, endpoints kept alive).

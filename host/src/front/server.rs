@@ -6,19 +6,19 @@
 //! stream says what it is. A stream with a bad frame gets a typed `Error`
 //! frame and is closed; the connection and every other stream carry on.
 //! Must never decide anything (the manager and the policies do) nor parse
-//! bytes itself (the codec in [`crate::protocol`] does).
+//! bytes itself (the codec in [`crate::transport::protocol`] does).
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::admin::Admin;
-use crate::api::{ErrorCode, GenerateEvent, ServeError, Serving};
-use crate::llumlet::{EventSender, InstanceEvent};
-use crate::manager::{relabel, InstanceLink, Manager};
-use crate::protocol::{self, Assignment, Frame, FrameDecoder, MAX_REQUEST_FRAME};
-use crate::tls;
-use crate::wire::{write_frame, FrameReader, WireError};
+use crate::control::llumlet::{EventSender, InstanceEvent};
+use crate::control::manager::{relabel, InstanceLink, Manager};
+use crate::front::admin::Admin;
+use crate::front::api::{ErrorCode, GenerateEvent, ServeError, Serving};
+use crate::transport::protocol::{self, Assignment, Frame, FrameDecoder, MAX_REQUEST_FRAME};
+use crate::transport::tls;
+use crate::transport::wire::{write_frame, FrameReader, WireError};
 
 /// What the endpoint serves.
 pub struct ServerContext {
@@ -109,7 +109,7 @@ async fn serve_stream(
             command_json,
             blob,
         } => {
-            let result = match crate::admin::authorize(&ctx.token, &token, &command_json) {
+            let result = match crate::front::admin::authorize(&ctx.token, &token, &command_json) {
                 Err(e) => Err(e),
                 Ok(command) => {
                     let admin = ctx.admin.clone();
@@ -172,7 +172,9 @@ async fn serve_stream(
                 .await;
             }
             match ctx.manager.local_mailbox(destination) {
-                Some(mailbox) => crate::migration::serve_incoming(mailbox, send, reader).await,
+                Some(mailbox) => {
+                    crate::transport::migration::serve_incoming(mailbox, send, reader).await
+                }
                 None => {
                     reply_error(
                         &mut send,
@@ -205,7 +207,7 @@ async fn serve_generate(
     ctx: &ServerContext,
     mut send: quinn::SendStream,
     mut reader: FrameReader,
-    request: crate::api::GenerateRequest,
+    request: crate::front::api::GenerateRequest,
 ) {
     let mut generation = match ctx.manager.submit(request) {
         Ok(g) => g,
@@ -313,7 +315,7 @@ async fn serve_join(
 async fn forward_resumed(
     events: EventSender,
     mut reader: FrameReader,
-    routes: crate::llumlet::Routes,
+    routes: crate::control::llumlet::Routes,
     request: u64,
 ) {
     if let Err(e) = relay_frames(&mut reader, events, &routes, request).await {
@@ -342,7 +344,7 @@ enum FramesEnd {
 async fn relay_frames(
     reader: &mut FrameReader,
     events: EventSender,
-    routes: &crate::llumlet::Routes,
+    routes: &crate::control::llumlet::Routes,
     request: u64,
 ) -> Result<FramesEnd, String> {
     loop {
@@ -391,7 +393,7 @@ pub(crate) fn event_frame(
 ) -> Option<(Frame, bool)> {
     Some(match event {
         InstanceEvent::Token { index, id } => (
-            Frame::Tokens(crate::api::TokenChunk {
+            Frame::Tokens(crate::front::api::TokenChunk {
                 index,
                 ids: vec![id],
                 text: String::new(),
@@ -403,7 +405,7 @@ pub(crate) fn event_frame(
             output_tokens,
             queue_us,
         } => (
-            Frame::Finished(crate::api::FinishRecord {
+            Frame::Finished(crate::front::api::FinishRecord {
                 request_id: request,
                 reason,
                 prompt_tokens: 0,
@@ -426,7 +428,7 @@ pub(crate) fn event_frame(
 /// manager opens; the instance streams tokens back on it.
 pub struct RemoteLink {
     conn: quinn::Connection,
-    routes: crate::llumlet::Routes,
+    routes: crate::control::llumlet::Routes,
 }
 
 impl InstanceLink for RemoteLink {
@@ -523,9 +525,10 @@ impl InstanceLink for RemoteLink {
         request: u64,
         destination: u32,
         addr: std::net::SocketAddr,
-        _transport: &Arc<crate::migration::MigrationTransport>,
-    ) -> Result<tokio::sync::oneshot::Receiver<crate::llumlet::MigrationReport>, String> {
-        use crate::llumlet::MigrationReport;
+        _transport: &Arc<crate::transport::migration::MigrationTransport>,
+    ) -> Result<tokio::sync::oneshot::Receiver<crate::control::llumlet::MigrationReport>, String>
+    {
+        use crate::control::llumlet::MigrationReport;
         if let Some(reason) = self.conn.close_reason() {
             return Err(format!("instance connection closed: {reason}"));
         }
@@ -568,7 +571,7 @@ async fn run_assignment(
     conn: quinn::Connection,
     job: Assignment,
     events: EventSender,
-    routes: crate::llumlet::Routes,
+    routes: crate::control::llumlet::Routes,
 ) -> Result<(), String> {
     let request = job.request_id;
     let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -593,8 +596,8 @@ async fn run_assignment(
 /// instance`): an assignment (tokens back until the end) or a migrate-out
 /// order (the report back when the migration ends).
 pub async fn serve_manager_stream(
-    llumlet: Arc<crate::llumlet::Llumlet>,
-    transport: Arc<crate::migration::MigrationTransport>,
+    llumlet: Arc<crate::control::llumlet::Llumlet>,
+    transport: Arc<crate::transport::migration::MigrationTransport>,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -636,10 +639,12 @@ pub async fn serve_manager_stream(
                         .migrate_out(migration_id, request, link)
                         .await
                         .unwrap_or_else(|_| {
-                            crate::llumlet::MigrationReport::NotStarted("instance stopped".into())
+                            crate::control::llumlet::MigrationReport::NotStarted(
+                                "instance stopped".into(),
+                            )
                         })
                 }
-                Err(e) => crate::llumlet::MigrationReport::NotStarted(format!(
+                Err(e) => crate::control::llumlet::MigrationReport::NotStarted(format!(
                     "bad address {addr:?}: {e}"
                 )),
             };

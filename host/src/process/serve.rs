@@ -15,13 +15,13 @@ use anyhow::{Context, Result};
 use llumen_engine::MigrationConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::admin::Admin;
-use crate::manager::{InstanceLink, LocalFactory, Manager, ManagerConfig};
-use crate::metrics::Metrics;
-use crate::model::{InstanceShape, LoadedModel, ModelChoice};
+use crate::control::manager::{InstanceLink, LocalFactory, Manager, ManagerConfig};
+use crate::control::metrics::Metrics;
+use crate::front::admin::Admin;
+use crate::front::server::{run_quic, ServerContext};
 use crate::policy::{PolicyRuntime, RuntimeConfig, StoreHistory};
-use crate::server::{run_quic, ServerContext};
-use crate::tls;
+use crate::process::model::{InstanceShape, LoadedModel, ModelChoice};
+use crate::transport::tls;
 
 /// Everything `llumen serve` can be told, from flags or `--config FILE`
 /// (TOML, the same names in snake_case; flags override the file).
@@ -126,7 +126,7 @@ pub async fn run_serve(
     let data_dir = config
         .data_dir
         .clone()
-        .unwrap_or_else(crate::client::default_data_dir);
+        .unwrap_or_else(crate::front::client::default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
     let (identity, _created) = tls::load_or_create_identity(&data_dir)?;
@@ -203,7 +203,7 @@ pub async fn run_serve(
     let admin = Arc::new(Admin::new(manager.clone()));
     let dirs = match &config.policy_dir {
         Some(d) => vec![d.clone()],
-        None => crate::admin::default_policy_dirs(),
+        None => crate::front::admin::default_policy_dirs(),
     };
     let policies = {
         let admin = admin.clone();
@@ -249,7 +249,7 @@ pub async fn run_serve(
     let quic_task = tokio::spawn(run_quic(endpoint.clone(), ctx));
     // Migrations between the in-process instances go over QUIC through this
     // endpoint, like those between hosts.
-    let migration_transport = crate::migration::MigrationTransport::new(
+    let migration_transport = crate::transport::migration::MigrationTransport::new(
         quic_addr,
         tls::Trust::Fingerprint(identity.fingerprint.clone()),
         token.clone(),
@@ -257,10 +257,14 @@ pub async fn run_serve(
     manager.enable_migration(Arc::new(migration_transport), quic_addr);
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http_task = http.map(|listener| {
-        let serving: Arc<dyn crate::api::Serving> = Arc::new(manager.clone());
-        tokio::spawn(crate::http::serve_http(listener, serving, async move {
-            let _ = http_stopped.await;
-        }))
+        let serving: Arc<dyn crate::front::api::Serving> = Arc::new(manager.clone());
+        tokio::spawn(crate::front::http::serve_http(
+            listener,
+            serving,
+            async move {
+                let _ = http_stopped.await;
+            },
+        ))
     });
     manager.start_rounds();
     {
@@ -275,7 +279,7 @@ pub async fn run_serve(
                 let m = manager.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     m.flush();
-                    let now = crate::clock::now_us();
+                    let now = crate::process::clock::now_us();
                     if now >= last_retention + 60_000_000 {
                         let cutoff = now.saturating_sub(retention_us);
                         if let Err(e) = m.store().retain_since(cutoff) {
@@ -287,7 +291,7 @@ pub async fn run_serve(
                     }
                 })
                 .await;
-                let now = crate::clock::now_us();
+                let now = crate::process::clock::now_us();
                 if now >= last_retention + 60_000_000 {
                     last_retention = now;
                 }

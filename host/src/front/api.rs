@@ -1,8 +1,9 @@
 //! The serving API every front end speaks: what a generate request is, what
-//! comes back, and the typed errors. The QUIC front end ([`crate::protocol`]
-//! frames), the OpenAI HTTP front end ([`crate::http`]) and the Rust client
-//! ([`crate::client`]) all translate to and from these types; the manager
-//! ([`crate::manager`]) serves them.
+//! comes back, and the typed errors. The QUIC front end
+//! ([`crate::transport::protocol`] frames), the OpenAI HTTP front end
+//! ([`crate::front::http`]) and the Rust client ([`crate::front::client`])
+//! all translate to and from these types; the manager
+//! ([`crate::control::manager`]) serves them.
 //!
 //! Owns only plain data and the [`Serving`] trait. Must never touch sockets,
 //! the engine or policies.
@@ -319,7 +320,9 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// What the front ends need from the manager.
+/// What the front ends need from the manager to serve requests. The HTTP
+/// front end reaches the manager only through it; the QUIC endpoint and the
+/// admin API also hold the `Manager` itself (see [`crate::front`]).
 pub trait Serving: Send + Sync + 'static {
     /// Validates, tokenizes, prioritises and dispatches a request.
     fn submit(&self, request: GenerateRequest) -> Result<Generation, ServeError>;

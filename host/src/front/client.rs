@@ -8,11 +8,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::admin::AdminCommand;
-use crate::api::{FinishRecord, GenerateEvent, GenerateRequest, ServeError};
-use crate::protocol::{Frame, MAX_ADMIN_FRAME, MAX_REQUEST_FRAME};
-use crate::tls::{self, TlsError, Trust};
-use crate::wire::{write_frame, FrameReader, WireError};
+use crate::front::admin::AdminCommand;
+use crate::front::api::{FinishRecord, GenerateEvent, GenerateRequest, ServeError};
+use crate::transport::protocol::{Frame, MAX_ADMIN_FRAME, MAX_REQUEST_FRAME};
+use crate::transport::tls::{self, TlsError, Trust};
+use crate::transport::wire::{write_frame, FrameReader, WireError};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]

@@ -4,8 +4,8 @@
 //! runs). The shell owns what the core must not: the thread and its
 //! waiting (for a command, a deadline or the heartbeat, by the wall
 //! clock), each request's event channel, the migration links (encoded
-//! messages through QUIC streams, see [`crate::migration`]) and the route
-//! book a migrated request's stream follows.
+//! messages through QUIC streams, see [`crate::transport::migration`]) and
+//! the route book a migrated request's stream follows.
 //!
 //! Invariants: every request handed to [`Llumlet::assign`] ends with exactly
 //! one `Finished` or `Failed` event, unless its receiver was dropped (then
@@ -32,9 +32,9 @@ use llumen_fleet::{
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
-use crate::api::{ErrorCode, FinishReason, ServeError};
-use crate::clock;
-use crate::protocol::Assignment;
+use crate::front::api::{ErrorCode, FinishReason, ServeError};
+use crate::process::clock;
+use crate::transport::protocol::Assignment;
 
 /// What a request's channel receives from its instance.
 #[derive(Clone, Debug, PartialEq)]
@@ -372,7 +372,7 @@ impl<B: ModelBackend> StepLoop<B> {
             if waits {
                 // Waiting: wake promptly for a migration's commit or a new
                 // request even while other engines compute.
-                crate::threads::latency_critical();
+                crate::process::threads::latency_critical();
                 let now = clock::now_us();
                 let wait = match last {
                     Turn::Failed => FAILED_STEP_PAUSE,
@@ -406,7 +406,7 @@ impl<B: ModelBackend> StepLoop<B> {
                 }
             }
             self.reap_cancelled();
-            crate::threads::compute();
+            crate::process::threads::compute();
             last = self.core.turn(clock::now_us());
             if let Turn::Stepping { ends_us } = last {
                 // The step ran inside the turn and ends at its end: now for

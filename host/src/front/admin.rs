@@ -16,10 +16,10 @@ use llumen_policy_logic::{Fleet, RequestMeta};
 use llumen_store::{JournalEvent, PolicyMeta, Store};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ErrorCode, ServeError};
-use crate::clock;
-use crate::manager::Manager;
+use crate::control::manager::Manager;
+use crate::front::api::{ErrorCode, ServeError};
 use crate::policy::{Answer, CompiledPolicy, PolicyError, PolicyKind, PolicyRuntime, Question};
+use crate::process::clock;
 
 /// One admin command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +74,7 @@ pub fn authorize(
     token: &str,
     command_json: &str,
 ) -> Result<AdminCommand, ServeError> {
-    if !crate::tls::token_matches(expected, token) {
+    if !crate::transport::tls::token_matches(expected, token) {
         return Err(ServeError::new(
             ErrorCode::Unauthorized,
             "wrong or missing admin token",

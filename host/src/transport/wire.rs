@@ -1,8 +1,9 @@
-//! The async shell that moves [`crate::protocol`] frames over quinn streams.
+//! The async shell that moves [`crate::transport::protocol`] frames over
+//! quinn streams.
 //! Owns only the reading and writing of frames; what they mean belongs to
 //! the server, the client and the instance link.
 
-use crate::protocol::{self, DecodeError, Frame, FrameDecoder};
+use crate::transport::protocol::{self, DecodeError, Frame, FrameDecoder};
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]

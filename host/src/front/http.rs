@@ -7,7 +7,7 @@
 //!   OpenAI; 0 = greedy), `top_p` (default 1), `seed` (default: random),
 //!   `stop` (string or array of strings), `stream`,
 //!   `stream_options.include_usage`, and the extensions `priority` (integer
-//!   0 ..= [`MAX_PRIORITY`](crate::api::MAX_PRIORITY)), `ignore_eos` and
+//!   0 ..= [`MAX_PRIORITY`](crate::front::api::MAX_PRIORITY)), `ignore_eos` and
 //!   `stop_token_ids` (as vLLM).
 //! - `POST /v1/chat/completions`: `messages` (`[{role, content}]`, content a
 //!   string or an array of `{"type": "text", "text"}` parts), rendered with
@@ -37,8 +37,8 @@
 //! The response (or the SSE body) owns the [`Generation`]: a client that
 //! disconnects drops it, which cancels the request.
 //!
-//! Owns only the translation between HTTP/JSON and [`crate::api`]; it must
-//! never schedule, tokenize or touch an engine.
+//! Owns only the translation between HTTP/JSON and [`crate::front::api`];
+//! it must never schedule, tokenize or touch an engine.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -59,7 +59,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::{
+use crate::front::api::{
     ChatTurn, ErrorCode, FinishRecord, GenerateEvent, GenerateRequest, Generation, PromptInput,
     ServeError, Serving,
 };
@@ -293,7 +293,7 @@ impl Body {
             Some(p) => u8::try_from(p).map_err(|_| {
                 invalid(format!(
                     "priority {p} must be in 0..={}",
-                    crate::api::MAX_PRIORITY
+                    crate::front::api::MAX_PRIORITY
                 ))
             })?,
         };
@@ -768,7 +768,7 @@ mod tests {
     use tokio::sync::mpsc::{self, UnboundedSender};
 
     use super::*;
-    use crate::api::{CancelOnDrop, FinishReason, TokenChunk};
+    use crate::front::api::{CancelOnDrop, FinishReason, TokenChunk};
 
     const MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
     const WORDS: [&str; 4] = ["Hello", " world", "", "!"];

@@ -36,20 +36,20 @@ use llumen_store::{JournalEvent, JournalOutcome, Store};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{
+use crate::control::llumlet::{
+    EventSender, InstanceEvent, LoadSink, Mailbox, MigrationReport, RouteBook, Routes,
+};
+use crate::control::metrics::Metrics;
+use crate::control::shadow::Shadows;
+use crate::front::api::{
     CancelOnDrop, ErrorCode, FinishReason, FinishRecord, GenerateEvent, GenerateRequest,
     Generation, ServeError, Serving, TokenChunk,
 };
-use crate::clock;
-use crate::llumlet::{
-    EventSender, InstanceEvent, LoadSink, Mailbox, MigrationReport, RouteBook, Routes,
-};
-use crate::metrics::Metrics;
-use crate::migration::MigrationTransport;
-use crate::model::TextCodec;
 use crate::policy::{DecisionSource, PolicyKind, PolicyRuntime, RuntimeDecide, SlotStatus};
-use crate::protocol::Assignment;
-use crate::shadow::Shadows;
+use crate::process::clock;
+use crate::process::model::TextCodec;
+use crate::transport::migration::MigrationTransport;
+use crate::transport::protocol::Assignment;
 
 /// A way to reach one instance.
 pub trait InstanceLink: Send + Sync + 'static {
@@ -79,24 +79,24 @@ pub trait InstanceLink: Send + Sync + 'static {
     ) -> Result<tokio::sync::oneshot::Receiver<MigrationReport>, String>;
 }
 
-impl InstanceLink for crate::llumlet::Llumlet {
+impl InstanceLink for crate::control::llumlet::Llumlet {
     fn assign(&self, job: Assignment, events: EventSender) -> Result<(), ServeError> {
-        crate::llumlet::Llumlet::assign(self, job, events)
+        crate::control::llumlet::Llumlet::assign(self, job, events)
     }
     fn set_draining(&self, draining: bool) {
-        crate::llumlet::Llumlet::set_draining(self, draining)
+        crate::control::llumlet::Llumlet::set_draining(self, draining)
     }
     fn candidates(&self) -> Pin<Box<dyn Future<Output = Vec<MigrationCandidate>> + Send + '_>> {
         Box::pin(self.migration_candidates())
     }
     fn stop(&self) {
-        crate::llumlet::Llumlet::stop(self)
+        crate::control::llumlet::Llumlet::stop(self)
     }
     fn kind(&self) -> &'static str {
         "local"
     }
     fn mailbox(&self) -> Option<Mailbox> {
-        Some(crate::llumlet::Llumlet::mailbox(self))
+        Some(crate::control::llumlet::Llumlet::mailbox(self))
     }
     fn migrate_out(
         &self,
@@ -106,7 +106,7 @@ impl InstanceLink for crate::llumlet::Llumlet {
         addr: std::net::SocketAddr,
         transport: &Arc<MigrationTransport>,
     ) -> Result<tokio::sync::oneshot::Receiver<MigrationReport>, String> {
-        let mailbox = crate::llumlet::Llumlet::mailbox(self);
+        let mailbox = crate::control::llumlet::Llumlet::mailbox(self);
         let link = transport.open(addr, destination, migration_id, mailbox.clone());
         Ok(mailbox.migrate_out(migration_id, request, link))
     }
@@ -296,7 +296,7 @@ pub struct StatusReport {
     /// Requests the journal showed in flight when this manager started
     /// (accepted, never finished: the previous run stopped under them).
     pub interrupted_requests: Vec<u64>,
-    pub shadows: Vec<crate::shadow::ShadowReport>,
+    pub shadows: Vec<crate::control::shadow::ShadowReport>,
     pub migrations: MigrationStats,
 }
 
@@ -1132,7 +1132,7 @@ struct Relay {
     client: mpsc::UnboundedSender<GenerateEvent>,
     cancel: oneshot::Receiver<()>,
     stop: Vec<String>,
-    decoder: crate::model::TextDecoder,
+    decoder: crate::process::model::TextDecoder,
     /// Decoded text not yet sent (held back while it could be the start of
     /// a stop string).
     pending: String,

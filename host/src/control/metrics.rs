@@ -78,7 +78,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use llumen_policy_logic::InstanceLoad;
 
-use crate::api::ErrorCode;
+use crate::front::api::ErrorCode;
 use crate::policy::SlotStatus;
 
 /// Upper bounds (seconds) of the latency histograms' buckets; `+Inf` is

@@ -1,6 +1,6 @@
 //! The `llumen/1` wire format: versioned, length-prefixed binary frames on
 //! QUIC streams, and their codec. Pure: no I/O, no clock (the async shell
-//! that moves frames over quinn streams is [`crate::wire`]).
+//! that moves frames over quinn streams is [`crate::transport::wire`]).
 //!
 //! A frame is `len: u32 BE | version: u8 | kind: u8 | payload`, where `len`
 //! counts the version, kind and payload bytes. Integers are big-endian,
@@ -24,7 +24,7 @@
 //!
 //! Owns byte formats only; must never touch sockets, the engine or policies.
 
-use crate::api::{
+use crate::front::api::{
     ChatTurn, ErrorCode, FinishReason, FinishRecord, GenerateRequest, PromptInput, ServeError,
     TokenChunk,
 };

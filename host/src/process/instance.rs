@@ -17,10 +17,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 
-use crate::model::{InstanceShape, LoadedModel};
-use crate::protocol::{Frame, JoinInfo, MAX_REQUEST_FRAME};
-use crate::tls::{self, Trust};
-use crate::wire::{write_frame, FrameReader};
+use crate::process::model::{InstanceShape, LoadedModel};
+use crate::transport::protocol::{Frame, JoinInfo, MAX_REQUEST_FRAME};
+use crate::transport::tls::{self, Trust};
+use crate::transport::wire::{write_frame, FrameReader};
 
 /// Where and as whom a joining instance connects.
 pub struct JoinOptions {
@@ -96,7 +96,7 @@ pub async fn run_instance(
             )
             .map_err(anyhow::Error::msg)?,
     );
-    let transport = Arc::new(crate::migration::MigrationTransport::new(
+    let transport = Arc::new(crate::transport::migration::MigrationTransport::new(
         addr,
         trust.clone(),
         token.clone(),
@@ -123,7 +123,7 @@ pub async fn run_instance(
     let result = loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(crate::server::serve_manager_stream(
+                tokio::spawn(crate::front::server::serve_manager_stream(
                     llumlet.clone(),
                     transport.clone(),
                     send,
@@ -142,7 +142,7 @@ pub async fn run_instance(
 /// Serves migrations into this instance from other instances.
 async fn accept_migrations(
     endpoint: quinn::Endpoint,
-    mailbox: crate::llumlet::Mailbox,
+    mailbox: crate::control::llumlet::Mailbox,
     instance: u32,
     token: String,
 ) {
@@ -152,13 +152,14 @@ async fn accept_migrations(
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             while let Ok((mut send, recv)) = conn.accept_bi().await {
-                let mut reader = FrameReader::new(recv, crate::protocol::MAX_MIGRATION_CHUNK + 64);
+                let mut reader =
+                    FrameReader::new(recv, crate::transport::protocol::MAX_MIGRATION_CHUNK + 64);
                 match reader.next().await {
                     Ok(Some(Frame::Migrate {
                         token: t,
                         destination,
                     })) if tls::token_matches(&token, &t) && destination == instance => {
-                        tokio::spawn(crate::migration::serve_incoming(
+                        tokio::spawn(crate::transport::migration::serve_incoming(
                             mailbox.clone(),
                             send,
                             reader,
@@ -167,8 +168,8 @@ async fn accept_migrations(
                     _ => {
                         let _ = write_frame(
                             &mut send,
-                            &Frame::Error(crate::api::ServeError::new(
-                                crate::api::ErrorCode::Unauthorized,
+                            &Frame::Error(crate::front::api::ServeError::new(
+                                crate::front::api::ErrorCode::Unauthorized,
                                 "expected a migrate frame with the admin token for this instance",
                             )),
                         )
@@ -191,9 +192,9 @@ struct ResumeRoutes {
     runtime: tokio::runtime::Handle,
 }
 
-impl crate::llumlet::RouteBook for ResumeRoutes {
-    fn claim(&self, request: u64, instance: u32) -> Option<crate::llumlet::EventSender> {
-        use crate::llumlet::InstanceEvent;
+impl crate::control::llumlet::RouteBook for ResumeRoutes {
+    fn claim(&self, request: u64, instance: u32) -> Option<crate::control::llumlet::EventSender> {
+        use crate::control::llumlet::InstanceEvent;
         if self.conn.close_reason().is_some() {
             return None;
         }
@@ -211,7 +212,7 @@ impl crate::llumlet::RouteBook for ResumeRoutes {
                     tokio::select! {
                         event = rx.recv() => {
                             let Some(event) = event else { return Ok(()) };
-                            let Some((frame, last)) = crate::server::event_frame(event, request, instance) else {
+                            let Some((frame, last)) = crate::front::server::event_frame(event, request, instance) else {
                                 continue;
                             };
                             write_frame(&mut send, &frame).await.map_err(|e| e.to_string())?;
@@ -233,7 +234,7 @@ impl crate::llumlet::RouteBook for ResumeRoutes {
         Some(tx)
     }
 
-    fn park(&self, _request: u64, events: crate::llumlet::EventSender) {
-        let _ = events.send(crate::llumlet::InstanceEvent::MovedAway);
+    fn park(&self, _request: u64, events: crate::control::llumlet::EventSender) {
+        let _ = events.send(crate::control::llumlet::InstanceEvent::MovedAway);
     }
 }
