@@ -791,7 +791,7 @@ fn source_events(
                 migration_id: MIGRATION,
                 report,
                 ..
-            } => match report {
+            } => match *report {
                 MigrationReport::Ended(o) => *outcome = Some(o),
                 MigrationReport::NotStarted(why) => bail!("start: {why}"),
             },

@@ -145,14 +145,18 @@ impl<B: ModelBackend> Engine<B> {
                     self.scheduler
                         .complete(&plan, &output, now_us + output.duration_us)?;
                 self.last_step_us = output.duration_us;
-                Ok(StepReport {
+                let mut plan = plan;
+                let report = StepReport {
                     kind: plan.kind,
                     events,
-                    preempted: plan.preempted,
+                    preempted: std::mem::take(&mut plan.preempted),
                     batch_size: plan.batch.sequences.len(),
                     tokens: plan.batch.num_tokens(),
                     duration_us: output.duration_us,
-                })
+                };
+                // The step's input vectors serve the next decodes.
+                self.scheduler.recycle(plan);
+                Ok(report)
             }
             Err(error) => {
                 let requeued = self.scheduler.abandon(&plan)?;

@@ -544,7 +544,13 @@ pub struct Scheduler {
     migrating_in: u32,
     migrating_out: u32,
     stats: SchedulerStats,
+    /// Inputs of finished steps, their vectors kept for the next decode
+    /// (two allocations per decoded token otherwise; see [`Scheduler::recycle`]).
+    spare_inputs: Vec<SequenceInput>,
 }
+
+/// Most spare step inputs kept for reuse.
+const SPARE_INPUTS: usize = 1024;
 
 impl Scheduler {
     /// An empty instance with these limits.
@@ -567,7 +573,16 @@ impl Scheduler {
             migrating_in: 0,
             migrating_out: 0,
             stats: SchedulerStats::default(),
+            spare_inputs: Vec::new(),
         })
+    }
+
+    /// Takes a finished step's plan back: its per-sequence vectors are
+    /// reused by later decodes. Optional (a plan simply dropped is fine).
+    pub fn recycle(&mut self, mut plan: StepPlan) {
+        let room = SPARE_INPUTS.saturating_sub(self.spare_inputs.len());
+        let n = plan.batch.sequences.len().min(room);
+        self.spare_inputs.extend(plan.batch.sequences.drain(..n));
     }
 
     /// Queues a new request. Refused (and counted) when its id is taken, its
@@ -783,27 +798,37 @@ impl Scheduler {
             loop {
                 match self.blocks.append_slot(key.id) {
                     Ok(_) => {
-                        let table = self
-                            .blocks
-                            .block_table(key.id)
-                            .expect("just appended")
-                            .to_vec();
+                        let mut input = self.spare_inputs.pop().unwrap_or_else(|| {
+                            SequenceInput {
+                                seq: key.id,
+                                tokens: Vec::with_capacity(1),
+                                start_position: 0,
+                                block_table: Vec::new(),
+                                temperature: 0.0,
+                                top_p: 1.0,
+                                seed: 0,
+                                output_index: 0,
+                            }
+                        });
+                        input.block_table.clear();
+                        input.block_table.extend_from_slice(
+                            self.blocks.block_table(key.id).expect("just appended"),
+                        );
                         let seq = self.seqs.get_mut(&key.id).expect("running sequences exist");
                         seq.in_flight = Some(step);
                         let last = *seq
                             .output
                             .last()
                             .expect("a running sequence between steps has output");
-                        plan.batch.sequences.push(SequenceInput {
-                            seq: key.id,
-                            tokens: vec![last],
-                            start_position: seq.len() - 1,
-                            block_table: table,
-                            temperature: seq.sampling.temperature,
-                            top_p: seq.sampling.top_p,
-                            seed: seq.sampling.seed,
-                            output_index: sat_u32(seq.output.len()),
-                        });
+                        input.tokens.clear();
+                        input.tokens.push(last);
+                        input.seq = key.id;
+                        input.start_position = seq.len() - 1;
+                        input.temperature = seq.sampling.temperature;
+                        input.top_p = seq.sampling.top_p;
+                        input.seed = seq.sampling.seed;
+                        input.output_index = sat_u32(seq.output.len());
+                        plan.batch.sequences.push(input);
                         decodes += 1;
                         self.stats.decode_tokens += 1;
                         break;

@@ -669,7 +669,7 @@ impl<'a> World<'a> {
                 self.fifo.remove(&(migration_id, false));
                 self.fifo.remove(&(migration_id, true));
                 let committed_at = self.committed_at.remove(&migration_id);
-                if let MigrationReport::Ended(outcome) = report {
+                if let MigrationReport::Ended(outcome) = *report {
                     self.migration_outcome(&outcome, committed_at);
                 }
             }

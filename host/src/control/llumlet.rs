@@ -643,7 +643,7 @@ impl<B: ModelBackend> StepLoop<B> {
             } => {
                 if let Some(mut o) = self.outgoing.remove(&migration_id) {
                     if let Some(done) = o.done.take() {
-                        let report = match report {
+                        let report = match *report {
                             llumen_fleet::MigrationReport::Ended(outcome) => {
                                 MigrationReport::Ended(MigrationSummary::from(&outcome))
                             }
