@@ -226,14 +226,16 @@ pub fn run(args: &Args) -> Result<()> {
         )?;
         let live_started = std::time::Instant::now();
         let (live_records, live_fleet) =
-            server.drive(&workload, args.instances, 0).with_context(|| {
-                let log = server.log();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                format!(
-                    "driving llumen serve ({policy}); the end of its log:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })?;
+            server
+                .drive(&workload, args.instances, 0)
+                .with_context(|| {
+                    let log = server.log();
+                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                    format!(
+                        "driving llumen serve ({policy}); the end of its log:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
+                })?;
         let live_wall = live_started.elapsed().as_secs_f64();
         drop(server);
         let live_summary = report::summarize(&live_records, &live_fleet);

@@ -40,8 +40,7 @@ pub use migration::{
     AbortReason, DecodeError, DestinationEvent, DestinationMigration, DestinationStats,
     Message as MigrationMessage, MigratedSequence, MigrationConfig, MigrationError, MigrationId,
     MigrationOutcome, MigrationResult, RefuseReason, ReleaseReason, SourceEvent, SourceMigration,
-    SourceState,
-    StageRecord,
+    SourceState, StageRecord,
 };
 pub use request::{FinishReason, Request, SamplingParams, TokenId};
 pub use scheduler::{

@@ -1352,7 +1352,8 @@ impl SourceMigration {
         // not be requeued (a committed one was dropped before `finish`).
         let stranded = self.detached.take().map(Box::new);
         self.outcome = Some(outcome.clone());
-        self.events.push_back(SourceEvent::Ended { outcome, stranded });
+        self.events
+            .push_back(SourceEvent::Ended { outcome, stranded });
     }
 
     /// The request is still running here, unpreempted, with the blocks

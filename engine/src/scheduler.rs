@@ -798,17 +798,15 @@ impl Scheduler {
             loop {
                 match self.blocks.append_slot(key.id) {
                     Ok(_) => {
-                        let mut input = self.spare_inputs.pop().unwrap_or_else(|| {
-                            SequenceInput {
-                                seq: key.id,
-                                tokens: Vec::with_capacity(1),
-                                start_position: 0,
-                                block_table: Vec::new(),
-                                temperature: 0.0,
-                                top_p: 1.0,
-                                seed: 0,
-                                output_index: 0,
-                            }
+                        let mut input = self.spare_inputs.pop().unwrap_or_else(|| SequenceInput {
+                            seq: key.id,
+                            tokens: Vec::with_capacity(1),
+                            start_position: 0,
+                            block_table: Vec::new(),
+                            temperature: 0.0,
+                            top_p: 1.0,
+                            seed: 0,
+                            output_index: 0,
                         });
                         input.block_table.clear();
                         input.block_table.extend_from_slice(

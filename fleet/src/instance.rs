@@ -38,8 +38,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use llumen_engine::{
     AbortReason, DestinationEvent, DestinationMigration, DetachedSequence, Engine, MigrationConfig,
     MigrationError, MigrationId, MigrationMessage, MigrationOutcome, ModelBackend, RefuseReason,
-    Request,
-    SamplingParams, SeqEvent, SourceEvent, SourceMigration, SourceState, StepReport, TokenId,
+    Request, SamplingParams, SeqEvent, SourceEvent, SourceMigration, SourceState, StepReport,
+    TokenId,
 };
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate};
 
@@ -206,7 +206,11 @@ impl MigrationReport {
 #[derive(Clone, Debug, PartialEq)]
 pub enum CoreEvent {
     /// Output token `index` of `request`.
-    Token { request: u64, index: u32, token: u32 },
+    Token {
+        request: u64,
+        index: u32,
+        token: u32,
+    },
     /// The request finished here.
     Finished {
         request: u64,
@@ -919,12 +923,13 @@ impl<B: ModelBackend> InstanceCore<B> {
         if outcome.committed() {
             // The destination streams it from now on.
             self.live.remove(&request);
-            self.events
-                .push_back(CoreEvent::MovedOut { request, peer });
+            self.events.push_back(CoreEvent::MovedOut { request, peer });
         } else if let Some(detached) = stranded {
             self.live.remove(&request);
             self.events
-                .push_back(CoreEvent::Stranded(Box::new(Assign::from_detached(*detached))));
+                .push_back(CoreEvent::Stranded(Box::new(Assign::from_detached(
+                    *detached,
+                ))));
         } else if !self.engine.scheduler().contains(request) {
             // Finished or cancelled during the migration (its end was
             // reported, or nobody waits for it).
@@ -945,7 +950,11 @@ impl<B: ModelBackend> InstanceCore<B> {
                 DestinationEvent::Committed {
                     migration_id, seq, ..
                 } => {
-                    let peer = self.incoming_peers.get(&migration_id).copied().unwrap_or(u32::MAX);
+                    let peer = self
+                        .incoming_peers
+                        .get(&migration_id)
+                        .copied()
+                        .unwrap_or(u32::MAX);
                     self.live.insert(seq, Live { queue_us: Some(0) });
                     self.events.push_back(CoreEvent::MovedIn {
                         request: seq,
@@ -1144,7 +1153,15 @@ mod tests {
         c.apply_inputs(now);
         let ended: Vec<_> = events(&mut c)
             .into_iter()
-            .filter(|e| matches!(e, CoreEvent::MigrationEnded { migration_id: 2, .. }))
+            .filter(|e| {
+                matches!(
+                    e,
+                    CoreEvent::MigrationEnded {
+                        migration_id: 2,
+                        ..
+                    }
+                )
+            })
             .collect();
         assert_eq!(ended.len(), 1);
         assert!(c.serves(1) && c.num_outgoing() == 0);

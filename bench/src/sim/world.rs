@@ -64,7 +64,11 @@ enum EventKind {
     /// An instance's step ends.
     StepEnd(u32),
     /// A migration message from `from` reaches instance `to`.
-    Deliver { to: u32, from: u32, message: Box<Message> },
+    Deliver {
+        to: u32,
+        from: u32,
+        message: Box<Message>,
+    },
     /// A started instance is ready to serve.
     Ready(u32),
     /// An instance's next deadline (`InstanceCore::poll_timeout`).
@@ -900,9 +904,8 @@ impl<'a> World<'a> {
         let mut free_total = 0u64;
         let mut room_total = 0u64;
         let mut room_max = 0u64;
-        let serving = |c: &Controller, id: usize| {
-            !matches!(c.phase(id as u32), None | Some(Phase::Starting))
-        };
+        let serving =
+            |c: &Controller, id: usize| !matches!(c.phase(id as u32), None | Some(Phase::Starting));
         for (id, node) in self.nodes.iter().enumerate() {
             if node.removed {
                 continue;

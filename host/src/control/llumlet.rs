@@ -26,9 +26,7 @@ use llumen_engine::{
     Engine, MigrationConfig, MigrationId, MigrationMessage, MigrationOutcome, ModelBackend,
     SamplingParams,
 };
-use llumen_fleet::{
-    Assign, CoreConfig, CoreEvent, FailKind, Finish, Input, InstanceCore, Turn,
-};
+use llumen_fleet::{Assign, CoreConfig, CoreEvent, FailKind, Finish, Input, InstanceCore, Turn};
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
@@ -437,23 +435,23 @@ impl<B: ModelBackend> StepLoop<B> {
                 link,
                 done,
             } => {
-                if self.outgoing.contains_key(&migration_id) {
-                    let _ = done.send(MigrationReport::NotStarted(format!(
-                        "migration {migration_id} is already in flight here"
-                    )));
-                } else {
-                    self.outgoing.insert(
-                        migration_id,
-                        OutLink {
+                match self.outgoing.entry(migration_id) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        let _ = done.send(MigrationReport::NotStarted(format!(
+                            "migration {migration_id} is already in flight here"
+                        )));
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(OutLink {
                             link,
                             done: Some(done),
-                        },
-                    );
-                    self.core.input(Input::MigrateOut {
-                        migration_id,
-                        request: seq,
-                        peer: LINKED_PEER,
-                    });
+                        });
+                        self.core.input(Input::MigrateOut {
+                            migration_id,
+                            request: seq,
+                            peer: LINKED_PEER,
+                        });
+                    }
                 }
             }
             Command::FromDestination {

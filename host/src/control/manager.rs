@@ -712,7 +712,13 @@ impl Manager {
         }
     }
 
-    fn note_not_started(&self, request: u64, source: u32, destination: u32, why: &MigrationNotStarted) {
+    fn note_not_started(
+        &self,
+        request: u64,
+        source: u32,
+        destination: u32,
+        why: &MigrationNotStarted,
+    ) {
         lock(&self.inner.migration_stats).not_started += 1;
         tracing::debug!(request, source, destination, why = %why, "migration did not start");
     }
@@ -745,9 +751,7 @@ impl Manager {
                 (Some(a), _) => *a,
                 (None, "local") => *addr,
                 (None, _) => {
-                    return Err(format!(
-                        "instance {destination} has no migration endpoint"
-                    ))
+                    return Err(format!("instance {destination} has no migration endpoint"))
                 }
             };
             src.link
@@ -841,18 +845,20 @@ impl Manager {
         );
         let order = order.map_err(|e| {
             let code = match &e {
-                ManualMigrationError::NotRunning { .. } | ManualMigrationError::NoCandidate { .. } => {
-                    ErrorCode::NotFound
-                }
+                ManualMigrationError::NotRunning { .. }
+                | ManualMigrationError::NoCandidate { .. } => ErrorCode::NotFound,
                 ManualMigrationError::NotStarted(MigrationNotStarted::SameInstance { .. }) => {
                     ErrorCode::InvalidParameter
                 }
-                ManualMigrationError::NotStarted(MigrationNotStarted::UnknownInstance { .. }) => {
-                    ErrorCode::NotFound
-                }
+                ManualMigrationError::NotStarted(MigrationNotStarted::UnknownInstance {
+                    ..
+                }) => ErrorCode::NotFound,
                 ManualMigrationError::NotStarted(_) => ErrorCode::Unavailable,
             };
-            ServeError::new(code, format!("cannot migrate from {source} to {destination} now: {e}"))
+            ServeError::new(
+                code,
+                format!("cannot migrate from {source} to {destination} now: {e}"),
+            )
         })?;
         if self.carry_out(order) {
             Ok(order.request)
@@ -979,7 +985,8 @@ impl Inner {
             let mut c = lock(&self.controller);
             let mut decide = RuntimeDecide::new(&self.runtime);
             // The runtime records it in the snapshot history (sled, batched).
-            c.observe(&mut decide, load).then(|| c.load(load.instance).copied())
+            c.observe(&mut decide, load)
+                .then(|| c.load(load.instance).copied())
         };
         let Some(Some(load)) = kept else { return };
         *self

@@ -64,8 +64,8 @@ use serde::Serialize;
 /// drive a [`LiveInstance`] directly, such as benchmarks).
 pub use bindings::{load_to_wit, request_to_wit, wit};
 pub use clock::{Clock, ManualClock};
-pub use decide::RuntimeDecide;
 pub use component::{componentize, CompiledPolicy, LiveInstance, PolicyEngine, PolicySha};
+pub use decide::RuntimeDecide;
 pub use error::PolicyError;
 pub use history::{RecentHistory, SnapshotHistory, StoreHistory};
 use latency::LatencyHistogram;

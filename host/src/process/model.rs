@@ -338,7 +338,9 @@ impl LoadedModel {
                 Device::Cpu,
             )
             .map_err(|e| e.to_string()),
-            ModelKind::Profile(_) => Err(format!("{} is a latency profile, not a model", self.name)),
+            ModelKind::Profile(_) => {
+                Err(format!("{} is a latency profile, not a model", self.name))
+            }
         }
     }
 

@@ -158,7 +158,9 @@ pub async fn run_serve(
         shape.num_blocks = b;
     }
     shape.block_size = match model.required_block_size() {
-        Some(b) if b != config.block_size && config.block_size != ServeConfig::default().block_size => {
+        Some(b)
+            if b != config.block_size && config.block_size != ServeConfig::default().block_size =>
+        {
             anyhow::bail!(
                 "block size {} differs from the profile's {b}: a profile's steps are timed for its own",
                 config.block_size
