@@ -79,6 +79,10 @@ pub struct Args {
     /// The `llumen` binary to spawn (default: next to this one).
     #[arg(long)]
     llumen: Option<PathBuf>,
+    /// Live runs per policy: with 2 or more, the live system's own
+    /// run-to-run difference is measured and printed next to the error.
+    #[arg(long, default_value_t = 1)]
+    live_runs: u32,
     /// Directory for each side's per-request records
     /// (`POLICY-sim.json`, `POLICY-live.json`) and `fidelity.json`.
     #[arg(long, default_value = "target/bench/fidelity")]
@@ -125,6 +129,60 @@ pub struct PolicyFidelity {
     pub target_met: bool,
     pub sim_wall_seconds: f64,
     pub live_wall_seconds: f64,
+    /// With `--live-runs` > 1: the largest |relative difference| of a
+    /// repeated live run from the first, per figure (the live system's own
+    /// run-to-run noise, the floor of any simulator's error).
+    pub live_repeat_error: Option<LiveRepeat>,
+}
+
+/// Largest relative differences between live runs of one workload.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct LiveRepeat {
+    pub prefill_mean: f64,
+    pub prefill_p99: f64,
+    pub request_mean: f64,
+    pub request_p99: f64,
+    pub migrations: f64,
+}
+
+/// One run of the workload against a freshly spawned `llumen serve`.
+fn run_live(
+    args: &Args,
+    model: &str,
+    policy_dir: &std::path::Path,
+    policy: &str,
+    workload: &[crate::record::RequestSpec],
+) -> Result<(
+    Vec<crate::record::RequestRecord>,
+    crate::record::FleetRecord,
+)> {
+    eprintln!(
+        "fidelity: {policy}: {} requests against llumen serve --model {model} ({:.0} s of traffic) ...",
+        workload.len(),
+        workload.last().map_or(0.0, |r| r.arrival_us as f64 / 1e6)
+    );
+    let server = Spawned::start(
+        &ServeSpec {
+            llumen: args.llumen.clone(),
+            model: model.to_string(),
+            instances: args.instances,
+            blocks: args.blocks,
+            serve_args: format!(
+                "--migration-period-ms {} --max-migrations-per-instance 1 --policy-dir {}",
+                args.migration_period_ms,
+                policy_dir.display()
+            ),
+        },
+        policy,
+    )?;
+    server.drive(workload, args.instances, 0).with_context(|| {
+        let log = server.log();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        format!(
+            "driving llumen serve ({policy}); the end of its log:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    })
 }
 
 #[derive(Serialize)]
@@ -159,8 +217,8 @@ fn compare(sim: &Summary, live: &Summary) -> (Compared, Compared, Compared, Comp
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    if args.instances == 0 || args.blocks == 0 || args.requests == 0 {
-        bail!("--instances, --blocks and --requests must be positive");
+    if args.instances == 0 || args.blocks == 0 || args.requests == 0 || args.live_runs == 0 {
+        bail!("--instances, --blocks, --requests and --live-runs must be positive");
     }
     let profile = sim::load_profile(args.profile.as_deref())?;
     let spec = WorkloadSpec::parse(&args.workload).map_err(|e| anyhow!("--workload: {e}"))?;
@@ -205,40 +263,35 @@ pub fn run(args: &Args) -> Result<()> {
         let sim_summary = report::summarize(&sim_out.records, &sim_out.fleet);
 
         // The live server.
-        eprintln!(
-            "fidelity: {policy}: {} requests against llumen serve --model {model} ({:.0} s of traffic) ...",
-            workload.len(),
-            workload.last().map_or(0.0, |r| r.arrival_us as f64 / 1e6)
-        );
-        let server = Spawned::start(
-            &ServeSpec {
-                llumen: args.llumen.clone(),
-                model: model.clone(),
-                instances: args.instances,
-                blocks: args.blocks,
-                serve_args: format!(
-                    "--migration-period-ms {} --max-migrations-per-instance 1 --policy-dir {}",
-                    args.migration_period_ms,
-                    policy_dir.display()
-                ),
-            },
-            policy,
-        )?;
         let live_started = std::time::Instant::now();
-        let (live_records, live_fleet) =
-            server
-                .drive(&workload, args.instances, 0)
-                .with_context(|| {
-                    let log = server.log();
-                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                    format!(
-                        "driving llumen serve ({policy}); the end of its log:\n{}",
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    )
-                })?;
+        let (live_records, live_fleet) = run_live(args, &model, &policy_dir, policy, &workload)?;
         let live_wall = live_started.elapsed().as_secs_f64();
-        drop(server);
         let live_summary = report::summarize(&live_records, &live_fleet);
+        // The live system against itself: what no simulator can beat.
+        let mut live_repeat = None;
+        for run in 2..=args.live_runs {
+            eprintln!(
+                "fidelity: {policy}: live run {run} of {} ...",
+                args.live_runs
+            );
+            let (records, fleet) = run_live(args, &model, &policy_dir, policy, &workload)?;
+            let again = report::summarize(&records, &fleet);
+            let (pm, pp, rm, rp) = compare(&again, &live_summary);
+            let worst =
+                |c: &Compared, w: &mut f64| *w = w.max(c.relative_error.map_or(0.0, f64::abs));
+            let e = live_repeat.get_or_insert(LiveRepeat::default());
+            worst(&pm, &mut e.prefill_mean);
+            worst(&pp, &mut e.prefill_p99);
+            worst(&rm, &mut e.request_mean);
+            worst(&rp, &mut e.request_p99);
+            worst(
+                &Compared::new(
+                    again.migrations_committed as f64,
+                    live_summary.migrations_committed as f64,
+                ),
+                &mut e.migrations,
+            );
+        }
         for (side, records) in [("sim", &sim_out.records), ("live", &live_records)] {
             let path = args.out.join(format!("{policy}-{side}.json"));
             std::fs::write(&path, serde_json::to_string(records)?)
@@ -268,6 +321,7 @@ pub fn run(args: &Args) -> Result<()> {
             target_met,
             sim_wall_seconds: sim_out.stats.wall_seconds + sim_out.stats.setup_seconds,
             live_wall_seconds: live_wall,
+            live_repeat_error: live_repeat,
         });
     }
     let report = Report {
@@ -319,6 +373,17 @@ fn print_table(r: &Report) {
             eprintln!(
                 "{:<12} {:<22} {:>12.1} {:>12.1} {:>9}",
                 p.policy, name, c.sim, c.live, err
+            );
+        }
+        if let Some(e) = &p.live_repeat_error {
+            eprintln!(
+                "{:<12} live vs live: prefill mean {:.1}%, p99 {:.1}%; request mean {:.1}%, p99 {:.1}%; migrations {:.1}%",
+                p.policy,
+                e.prefill_mean * 100.0,
+                e.prefill_p99 * 100.0,
+                e.request_mean * 100.0,
+                e.request_p99 * 100.0,
+                e.migrations * 100.0
             );
         }
         eprintln!(

@@ -434,26 +434,24 @@ impl<B: ModelBackend> StepLoop<B> {
                 seq,
                 link,
                 done,
-            } => {
-                match self.outgoing.entry(migration_id) {
-                    std::collections::hash_map::Entry::Occupied(_) => {
-                        let _ = done.send(MigrationReport::NotStarted(format!(
-                            "migration {migration_id} is already in flight here"
-                        )));
-                    }
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        slot.insert(OutLink {
-                            link,
-                            done: Some(done),
-                        });
-                        self.core.input(Input::MigrateOut {
-                            migration_id,
-                            request: seq,
-                            peer: LINKED_PEER,
-                        });
-                    }
+            } => match self.outgoing.entry(migration_id) {
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    let _ = done.send(MigrationReport::NotStarted(format!(
+                        "migration {migration_id} is already in flight here"
+                    )));
                 }
-            }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(OutLink {
+                        link,
+                        done: Some(done),
+                    });
+                    self.core.input(Input::MigrateOut {
+                        migration_id,
+                        request: seq,
+                        peer: LINKED_PEER,
+                    });
+                }
+            },
             Command::FromDestination {
                 migration_id,
                 bytes,
