@@ -311,8 +311,14 @@ struct Inner {
     /// The fleet core's decisions: which instances exist and in what phase
     /// (an id handed out is `Starting` until its link registers; its
     /// snapshots are kept from the start), placement, migration and scaling
-    /// rounds. Locked for one decision at a time, never across an await.
+    /// rounds. Locked for one decision at a time, never across an await;
+    /// taken through [`Inner::controller`], which first ingests the
+    /// snapshots that arrived meanwhile.
     controller: Mutex<Controller>,
+    /// Snapshots not yet given to the controller. A llumlet never waits on
+    /// the controller (a policy call may hold it up to its deadline): it
+    /// queues here, and whoever takes the controller next ingests them.
+    pending_loads: Mutex<Vec<InstanceLoad>>,
     next_request: AtomicU64,
     in_flight: AtomicU64,
     accepted: AtomicU64,
@@ -413,6 +419,7 @@ impl Manager {
                 codec,
                 instances: RwLock::new(BTreeMap::new()),
                 controller: Mutex::new(controller),
+                pending_loads: Mutex::new(Vec::new()),
                 // Request ids start at the clock (µs since the epoch) so ids
                 // stay unique in the journal across restarts.
                 next_request: AtomicU64::new(started_us),
@@ -463,7 +470,7 @@ impl Manager {
     /// Reserves the next instance id: the instance is `Starting` (its
     /// snapshots are kept, not shown to the policies) until it registers.
     pub fn next_instance_id(&self) -> u32 {
-        let mut c = lock(&self.inner.controller);
+        let mut c = self.inner.controller();
         let id = c.allocate_instance_id();
         c.add_instance(id, InstancePhase::Starting, false);
         id
@@ -489,7 +496,9 @@ impl Manager {
                 Ok(())
             }
             Err(e) => {
-                lock(&self.inner.controller).remove_instance(&mut self.decide(), id);
+                self.inner
+                    .controller()
+                    .remove_instance(&mut self.decide(), id);
                 Err(e)
             }
         }
@@ -515,7 +524,7 @@ impl Manager {
                 migration_addr,
             },
         );
-        let mut c = lock(&self.inner.controller);
+        let mut c = self.inner.controller();
         c.add_instance(id, InstancePhase::Starting, local);
         c.set_drainable(id, local);
         c.instance_ready(&mut self.decide(), id);
@@ -525,7 +534,10 @@ impl Manager {
     /// place them again.
     pub fn remove_instance(&self, id: u32) {
         // No snapshot of `id` is observed from here on.
-        let known = lock(&self.inner.controller).remove_instance(&mut self.decide(), id);
+        let known = self
+            .inner
+            .controller()
+            .remove_instance(&mut self.decide(), id);
         if known.is_some() {
             self.inner.metrics.remove_instance(id);
         }
@@ -583,7 +595,7 @@ impl Manager {
     pub fn status(&self) -> StatusReport {
         let fleet = self.inner.runtime.fleet();
         let draining: BTreeSet<u32> = {
-            let c = lock(&self.inner.controller);
+            let c = self.inner.controller();
             c.instance_ids()
                 .filter(|&id| c.phase(id) == Some(InstancePhase::Draining))
                 .collect()
@@ -656,18 +668,17 @@ impl Manager {
     /// Returns (source, destination, picks) per pair.
     pub async fn migration_round(&self) -> Vec<(u32, u32, Vec<u64>)> {
         self.inner.routes.sweep(clock::now_us());
-        let pairs = lock(&self.inner.controller).plan_migrations(&mut self.decide());
+        let pairs = self.inner.controller().plan_migrations(&mut self.decide());
         let mut out = Vec::new();
         for pair in pairs {
             let Some(link) = self.link(pair.source) else {
                 continue;
             };
             let candidates = link.candidates().await;
-            let choice = lock(&self.inner.controller).choose_migrations(
-                &mut self.decide(),
-                pair,
-                &candidates,
-            );
+            let choice =
+                self.inner
+                    .controller()
+                    .choose_migrations(&mut self.decide(), pair, &candidates);
             if !choice.chosen.is_empty() {
                 self.inner
                     .metrics
@@ -702,7 +713,10 @@ impl Manager {
     /// controller refuses (a side at its limit, a destination not serving…)
     /// or the manager cannot reach them. False when it did not start.
     pub fn start_migration(&self, request: u64, source: u32, destination: u32) -> bool {
-        let order = lock(&self.inner.controller).start_migration(request, source, destination);
+        let order = self
+            .inner
+            .controller()
+            .start_migration(request, source, destination);
         match order {
             Ok(order) => self.carry_out(order),
             Err(why) => {
@@ -781,7 +795,7 @@ impl Manager {
             source,
             destination,
         } = order;
-        lock(&self.inner.controller).migration_ended(migration_id);
+        self.inner.controller().migration_ended(migration_id);
         self.inner.routes.sweep(clock::now_us());
         let mut stats = lock(&self.inner.migration_stats);
         match report {
@@ -836,7 +850,7 @@ impl Manager {
             .link(source)
             .ok_or_else(|| ServeError::new(ErrorCode::NotFound, format!("no instance {source}")))?;
         let candidates = link.candidates().await;
-        let order = lock(&self.inner.controller).migrate_now(
+        let order = self.inner.controller().migrate_now(
             &mut self.decide(),
             source,
             destination,
@@ -875,7 +889,7 @@ impl Manager {
     /// One scaling round: the controller's actions (start, drain, cancel a
     /// drain, stop an emptied instance), carried out.
     pub fn scaling_round(&self) {
-        let actions = lock(&self.inner.controller).scaling_round(&mut self.decide());
+        let actions = self.inner.controller().scaling_round(&mut self.decide());
         for action in actions {
             match action {
                 ScalingAction::Start { instance } => match self.start_local_instance(instance) {
@@ -925,7 +939,7 @@ impl Manager {
         // A placed instance whose link has just gone is refused in turn.
         for _ in 0..4 {
             let mut decide = self.decide();
-            let target = lock(&self.inner.controller).place(&mut decide, meta, &refused)?;
+            let target = self.inner.controller().place(&mut decide, meta, &refused)?;
             if let Some(link) = self.link(target) {
                 let decided_by = decide
                     .dispatched_by
@@ -977,25 +991,47 @@ impl Manager {
 }
 
 impl Inner {
+    /// A snapshot from an instance: queued, and ingested at once unless a
+    /// decision holds the controller (then it ingests it before its next).
     fn on_load(&self, load: InstanceLoad) {
-        // Late snapshots of a removed instance must not bring it back: the
-        // controller ignores loads of instances it does not know, and
-        // removal forgets the instance under the same lock.
-        let kept = {
-            let mut c = lock(&self.controller);
-            let mut decide = RuntimeDecide::new(&self.runtime);
+        lock(&self.pending_loads).push(load);
+        if let Ok(c) = self.controller.try_lock() {
+            drop(self.ingest(c));
+        }
+    }
+
+    /// The controller, with every queued snapshot ingested first.
+    fn controller(&self) -> std::sync::MutexGuard<'_, Controller> {
+        self.ingest(lock(&self.controller))
+    }
+
+    /// Gives the queued snapshots to the controller, in arrival order. Late
+    /// snapshots of a removed instance must not bring it back: the
+    /// controller ignores loads of instances it does not know, and removal
+    /// forgets the instance under its lock.
+    fn ingest<'a>(
+        &self,
+        mut c: std::sync::MutexGuard<'a, Controller>,
+    ) -> std::sync::MutexGuard<'a, Controller> {
+        let loads = std::mem::take(&mut *lock(&self.pending_loads));
+        if loads.is_empty() {
+            return c;
+        }
+        let mut decide = RuntimeDecide::new(&self.runtime);
+        for load in loads {
             // The runtime records it in the snapshot history (sled, batched).
-            c.observe(&mut decide, load)
-                .then(|| c.load(load.instance).copied())
-        };
-        let Some(Some(load)) = kept else { return };
-        *self
-            .stored_snapshots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(load.instance)
-            .or_default() += 1;
-        self.metrics.set_instance_load(&load);
+            if !c.observe(&mut decide, load) {
+                continue;
+            }
+            let Some(kept) = c.load(load.instance).copied() else {
+                continue;
+            };
+            *lock(&self.stored_snapshots)
+                .entry(kept.instance)
+                .or_default() += 1;
+            self.metrics.set_instance_load(&kept);
+        }
+        c
     }
 }
 
@@ -1055,7 +1091,7 @@ impl Manager {
             arrival_us,
         };
         let priority = {
-            let mut c = lock(&self.inner.controller);
+            let mut c = self.inner.controller();
             c.admit(&meta)
                 .map_err(|e| ServeError::new(ErrorCode::PromptTooLong, e.to_string()))?;
             c.prioritize(&mut self.decide(), &mut meta)
