@@ -21,6 +21,10 @@
 //!   steps.
 //! - No heartbeat snapshots (`idle_publish_us: None`): an idle instance
 //!   publishes when its load changes.
+//! - The migration round reads a stepping source's candidates at the end of
+//!   its step and its orders land once the next step has begun, as the
+//!   manager's round does through a llumlet's channel (the round's pairs
+//!   are not asked one after the other as the manager's are).
 //! - Migration messages are passed as values, not encoded bytes. The
 //!   latency backend keeps no KV contents here (`without_kv_contents`), so
 //!   a message's KV payload is one header per block
@@ -123,6 +127,11 @@ struct Node {
     removed: bool,
     /// When the pending `Timer` event fires, if one is pending.
     timer_at: Option<u64>,
+    /// Migration pairs whose candidates this instance owes the round: the
+    /// manager asks a llumlet for them through its channel, answered between
+    /// two steps (so at this step's end), and the orders it then sends
+    /// arrive while the next step runs.
+    owed_candidates: Vec<llumen_policy_logic::MigrationPair>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -502,6 +511,7 @@ impl<'a> World<'a> {
             created_us: self.now,
             removed: false,
             timer_at: None,
+            owed_candidates: Vec::new(),
         });
         if phase == Phase::Starting && self.controller.phase(id).is_none() {
             self.controller.add_instance(id, Phase::Starting, true);
@@ -568,7 +578,18 @@ impl<'a> World<'a> {
         self.busy -= 1;
         self.nodes[id as usize].core.end_step(self.now);
         self.drain_outputs(id)?;
-        self.turn(id)
+        // Candidates the round asked for while this step ran: read now, and
+        // the orders land after the next turn has begun (as the server's).
+        let owed = std::mem::take(&mut self.nodes[id as usize].owed_candidates);
+        let candidates: Vec<_> = owed
+            .iter()
+            .map(|_| self.nodes[id as usize].core.migration_candidates())
+            .collect();
+        self.turn(id)?;
+        for (pair, candidates) in owed.into_iter().zip(candidates) {
+            self.choose_migrations(pair, &candidates)?;
+        }
+        Ok(())
     }
 
     /// Makes sure a `Timer` event fires at the instance's next deadline.
@@ -839,25 +860,42 @@ impl<'a> World<'a> {
     }
 
     /// The migration round: the controller's orders go to the sources.
+    /// A source that is stepping answers for its candidates at the step's
+    /// end (see [`Node::owed_candidates`]); an idle one at once.
     fn migration_round(&mut self) -> Result<()> {
         let pairs = with_decide!(self, d, self.controller.plan_migrations(&mut d));
         for pair in pairs {
-            let candidates = self.nodes[pair.source as usize].core.migration_candidates();
-            let choice = with_decide!(
-                self,
-                d,
-                self.controller.choose_migrations(&mut d, pair, &candidates)
-            );
-            for o in choice.orders {
-                self.input(
-                    o.source,
-                    Input::MigrateOut {
-                        migration_id: o.migration_id,
-                        request: o.request,
-                        peer: o.destination,
-                    },
-                )?;
+            let source = &mut self.nodes[pair.source as usize];
+            if source.core.is_stepping() {
+                source.owed_candidates.push(pair);
+                continue;
             }
+            let candidates = source.core.migration_candidates();
+            self.choose_migrations(pair, &candidates)?;
+        }
+        Ok(())
+    }
+
+    /// The policy's picks for a pair, started within the limits.
+    fn choose_migrations(
+        &mut self,
+        pair: llumen_policy_logic::MigrationPair,
+        candidates: &[llumen_policy_logic::MigrationCandidate],
+    ) -> Result<()> {
+        let choice = with_decide!(
+            self,
+            d,
+            self.controller.choose_migrations(&mut d, pair, candidates)
+        );
+        for o in choice.orders {
+            self.input(
+                o.source,
+                Input::MigrateOut {
+                    migration_id: o.migration_id,
+                    request: o.request,
+                    peer: o.destination,
+                },
+            )?;
         }
         Ok(())
     }
