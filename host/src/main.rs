@@ -79,8 +79,9 @@ struct ServeFlags {
     /// In-process instances to start.
     #[arg(long)]
     instances: Option<usize>,
-    /// auto | tiny | smollm2 | FILE.gguf (auto: SmolLM2 once fetched, else
-    /// the random-weight test model).
+    /// auto | tiny | smollm2 | FILE.gguf | profile[:FILE] (auto: SmolLM2
+    /// once fetched, else the random-weight test model; profile: instances
+    /// step with a latency profile in real time, as in the simulator).
     #[arg(long)]
     model: Option<String>,
     /// QUIC address (clients, admin, joining instances).
