@@ -1194,6 +1194,17 @@ impl LatencyModelBackend {
         self
     }
 
+    /// Keeps no KV at all: no contents ([`without_kv_contents`](Self::without_kv_contents))
+    /// and one header per exported block instead of the profile's
+    /// `kv_bytes_per_block` ([`with_kv_bytes_per_block`](Self::with_kv_bytes_per_block)).
+    /// Step times are unchanged. What the simulator's instances and a
+    /// `--model profile` server run: migrations carry the block count, not
+    /// bytes that stand for nothing.
+    pub fn headers_only(self) -> Self {
+        let header = self.header_len();
+        self.with_kv_bytes_per_block(header).without_kv_contents()
+    }
+
     pub fn profile(&self) -> &LatencyProfile {
         &self.profile
     }

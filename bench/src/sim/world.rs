@@ -26,10 +26,9 @@
 //!   manager's round does through a llumlet's channel (the round's pairs
 //!   are not asked one after the other as the manager's are).
 //! - Migration messages are passed as values, not encoded bytes. The
-//!   latency backend keeps no KV contents here (`without_kv_contents`), so
-//!   a message's KV payload is one header per block
-//!   (`with_kv_bytes_per_block`); its transfer time counts the profile's
-//!   full `kv_bytes_per_block`.
+//!   latency backend keeps no KV here (`headers_only`), so a message's KV
+//!   payload is one header per block; its transfer time counts the
+//!   profile's full `kv_bytes_per_block`.
 //! - A request enters the engine with its workload arrival time as
 //!   `arrival_us` (the llumlet stamps its own receipt time; dispatch is
 //!   instantaneous here).
@@ -327,7 +326,7 @@ impl<'a> World<'a> {
     pub fn run(mut self, setup_seconds: f64) -> Result<SimOutcome> {
         let wall = Instant::now();
         for id in 0..self.cfg.instances {
-            self.add_node(id, Phase::Starting);
+            self.add_node(id);
             self.ready(id)?;
         }
         if let Some(&first) = self.order.first() {
@@ -491,14 +490,11 @@ impl<'a> World<'a> {
 
     // ----- instances -----
 
-    /// A new instance `id` (ids are dense: the controller hands them out in
-    /// order).
-    fn add_node(&mut self, id: u32, phase: Phase) {
+    /// A new instance `id`, starting (ids are dense: the controller hands
+    /// them out in order; a scale-up's instance it knows already).
+    fn add_node(&mut self, id: u32) {
         assert_eq!(id as usize, self.nodes.len(), "instance ids are dense");
-        let block_header = 8 + 8 * self.cfg.profile.block_size();
-        let backend = LatencyModelBackend::new(self.cfg.profile.clone())
-            .with_kv_bytes_per_block(block_header)
-            .without_kv_contents();
+        let backend = LatencyModelBackend::new(self.cfg.profile.clone()).headers_only();
         let engine = Engine::new(self.cfg.scheduler.clone(), backend)
             .expect("the scheduler configuration was validated");
         let config = CoreConfig {
@@ -513,9 +509,8 @@ impl<'a> World<'a> {
             timer_at: None,
             owed_candidates: Vec::new(),
         });
-        if phase == Phase::Starting && self.controller.phase(id).is_none() {
-            self.controller.add_instance(id, Phase::Starting, true);
-        }
+        // A scale-up's instance is known already (then this does nothing).
+        self.controller.add_instance(id, Phase::Starting, true);
         let existing = self.nodes.iter().filter(|n| !n.removed).count() as u32;
         self.stats.max_instances = self.stats.max_instances.max(existing);
     }
@@ -909,7 +904,7 @@ impl<'a> World<'a> {
         for action in actions {
             match action {
                 ScalingAction::Start { instance } => {
-                    self.add_node(instance, Phase::Starting);
+                    self.add_node(instance);
                     self.push(
                         self.now + bounds.startup_delay_us,
                         EventKind::Ready(instance),

@@ -365,8 +365,7 @@ impl LoadedModel {
             ModelKind::Profile(p) => {
                 let backend = LatencyModelBackend::new(p.clone())
                     .with_token_range(256..PROFILE_VOCAB)
-                    .with_kv_bytes_per_block(8 + 8 * p.block_size())
-                    .without_kv_contents();
+                    .headers_only();
                 let engine = Engine::new(config, backend).map_err(|e| e.to_string())?;
                 Llumlet::spawn(id, engine, sink, routes, migration).map_err(|e| e.to_string())
             }
