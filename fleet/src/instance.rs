@@ -487,12 +487,23 @@ impl<B: ModelBackend> InstanceCore<B> {
 
     /// Publishes the load now.
     pub fn publish(&mut self, now_us: u64) {
+        let load = self.current_load(now_us);
+        self.publish_load(load);
+    }
+
+    /// What the policies see of this instance at `now_us`.
+    fn current_load(&self, now_us: u64) -> InstanceLoad {
         let mut load = self.engine.load(self.id, now_us);
         load.draining |= self.draining;
-        self.last_publish_us = now_us;
-        let mut key = load;
-        key.timestamp_us = 0;
-        self.last_load = Some(key);
+        load
+    }
+
+    fn publish_load(&mut self, load: InstanceLoad) {
+        self.last_publish_us = load.timestamp_us;
+        self.last_load = Some(InstanceLoad {
+            timestamp_us: 0,
+            ..load
+        });
         self.stats.snapshots += 1;
         self.events.push_back(CoreEvent::Published(load));
     }
@@ -601,20 +612,19 @@ impl<B: ModelBackend> InstanceCore<B> {
                     ..
                 } => {
                     if let Some(l) = self.live.remove(&seq) {
-                        let event = match reason {
-                            llumen_engine::FinishReason::Length => CoreEvent::Finished {
+                        let finish = match reason {
+                            llumen_engine::FinishReason::Length => Some(Finish::Length),
+                            llumen_engine::FinishReason::Stop => Some(Finish::Stop),
+                            llumen_engine::FinishReason::Aborted => None,
+                        };
+                        let event = match finish {
+                            Some(reason) => CoreEvent::Finished {
                                 request: seq,
-                                reason: Finish::Length,
+                                reason,
                                 output_tokens,
                                 queue_us: l.queue_us.unwrap_or(0),
                             },
-                            llumen_engine::FinishReason::Stop => CoreEvent::Finished {
-                                request: seq,
-                                reason: Finish::Stop,
-                                output_tokens,
-                                queue_us: l.queue_us.unwrap_or(0),
-                            },
-                            llumen_engine::FinishReason::Aborted => CoreEvent::Failed {
+                            None => CoreEvent::Failed {
                                 request: seq,
                                 kind: FailKind::Cancelled,
                                 message: "aborted by the instance".into(),
@@ -658,11 +668,14 @@ impl<B: ModelBackend> InstanceCore<B> {
     /// Publishes if the load differs from the last one published
     /// (timestamp aside).
     fn publish_if_changed(&mut self, now_us: u64) {
-        let mut load = self.engine.load(self.id, now_us);
-        load.draining |= self.draining;
-        load.timestamp_us = 0;
-        if self.last_load != Some(load) {
-            self.publish(now_us);
+        let load = self.current_load(now_us);
+        let changed = self.last_load
+            != Some(InstanceLoad {
+                timestamp_us: 0,
+                ..load
+            });
+        if changed {
+            self.publish_load(load);
         }
     }
 
