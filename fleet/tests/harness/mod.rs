@@ -55,12 +55,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Mutex, OnceLock};
 
-use candle_core::Device;
-use llumen_engine::candle::{CandleBackend, LlamaConfig};
+use llumen_engine::candle::CandleBackend;
 use llumen_engine::{
-    AbortReason, Engine, MigrationConfig, MigrationId, MigrationMessage, MigrationResult,
-    ModelBackend, RefuseReason, Request, SamplingParams, SchedulerConfig, SeqEvent, SplitMix64,
-    TokenId,
+    AbortReason, MigrationConfig, MigrationId, MigrationMessage, MigrationResult, ModelBackend,
+    RefuseReason, Request, SamplingParams, SeqEvent, SplitMix64, TokenId,
 };
 use llumen_fleet::{
     Assign, Controller, ControllerConfig, CoreConfig, CoreEvent, Decide, FailKind, Input,
@@ -71,11 +69,13 @@ use llumen_policy_logic::{
     RequestId, RequestMeta, ScalingDecision,
 };
 
-/// Tokens per KV block.
-pub const BLOCK: usize = 16;
-/// Seed of the tiny random Llama's weights (the same on every instance, so
-/// KV moves between them).
-pub const WEIGHT_SEED: u64 = 7;
+/// The engine's own test model: the tiny random Llama with the same
+/// weights everywhere (so KV moves between instances), its block size and
+/// its seeded prompts (ids < 4096): `engine(num_blocks)`, `prompt(seed,
+/// len)`, `BLOCK`.
+#[path = "../../../engine/tests/common/mod.rs"]
+mod engine_common;
+pub use engine_common::{engine, prompt, BLOCK};
 /// Virtual duration of every engine step.
 pub const STEP_US: u64 = 1_000;
 /// Manually ordered migrations get ids from here (the controller's start
@@ -93,34 +93,6 @@ pub type Core = InstanceCore<CandleBackend>;
 // ---------------------------------------------------------------------------
 // Engines, prompts, reference outputs
 // ---------------------------------------------------------------------------
-
-/// An engine over the tiny random Llama with `num_blocks` KV blocks, exactly
-/// as `engine/tests/common` builds it.
-pub fn engine(num_blocks: usize) -> Engine<CandleBackend> {
-    let backend = CandleBackend::random(
-        LlamaConfig::test_tiny(),
-        WEIGHT_SEED,
-        num_blocks,
-        BLOCK,
-        Device::Cpu,
-    )
-    .expect("tiny random model");
-    Engine::new(SchedulerConfig::with_blocks(num_blocks, BLOCK), backend).expect("engine")
-}
-
-/// A prompt of `len` tokens from a seeded sequence (ids < 4096), as
-/// `engine/tests/common::prompt`.
-pub fn prompt(seed: u64, len: usize) -> Vec<TokenId> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 4000) as TokenId + 10
-        })
-        .collect()
-}
 
 /// The greedy output of `prompt` decoded alone on a fresh engine (cached
 /// per process: scenarios share it).
