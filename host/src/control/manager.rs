@@ -754,22 +754,26 @@ impl Manager {
                 .transport
                 .get()
                 .ok_or("this manager has no migration transport")?;
-            let instances = read(&self.inner.instances);
-            let src = instances
-                .get(&source)
-                .ok_or_else(|| format!("instance {source} has no link"))?;
-            let dst = instances
-                .get(&destination)
-                .ok_or_else(|| format!("instance {destination} has no link"))?;
-            let dst_addr = match (&dst.migration_addr, dst.link.kind()) {
-                (Some(a), _) => *a,
-                (None, "local") => *addr,
-                (None, _) => {
-                    return Err(format!("instance {destination} has no migration endpoint"))
-                }
+            // The source's link and the destination's endpoint, the table
+            // unlocked before the link is used.
+            let (src, dst_addr) = {
+                let instances = read(&self.inner.instances);
+                let src = instances
+                    .get(&source)
+                    .ok_or_else(|| format!("instance {source} has no link"))?;
+                let dst = instances
+                    .get(&destination)
+                    .ok_or_else(|| format!("instance {destination} has no link"))?;
+                let dst_addr = match (&dst.migration_addr, dst.link.kind()) {
+                    (Some(a), _) => *a,
+                    (None, "local") => *addr,
+                    (None, _) => {
+                        return Err(format!("instance {destination} has no migration endpoint"))
+                    }
+                };
+                (src.link.clone(), dst_addr)
             };
-            src.link
-                .migrate_out(migration_id, request, destination, dst_addr, transport)
+            src.migrate_out(migration_id, request, destination, dst_addr, transport)
         };
         let done = match route() {
             Ok(done) => done,
