@@ -5,7 +5,9 @@
 //! the KV geometry, a prefill table and a decode table with their linear
 //! fits), its loader and validation, the lookup that turns the work of one
 //! engine step into a duration, the roofline generator of the shipped
-//! stand-in profile `profiles/llama-7b-a10-derived.json`, and
+//! stand-in profile `profiles/llama-7b-a10-derived.json`, the generator of
+//! the measured-basis `profiles/llama-7b-a10-measured.json` (in
+//! [`measured`]: vidur's A40 operator times composed into steps), and
 //! [`LatencyModelBackend`], a [`ModelBackend`] whose steps cost what the
 //! profile says and whose "KV cache" is a compact, verifiable byte pattern.
 //!
@@ -119,6 +121,13 @@ pub const PROFILE_VERSION: u32 = 1;
 /// The shipped stand-in profile for LLaMA-7B on one A10 (derived, not
 /// measured); equal to `LatencyProfile::derived_llama7b_a10().to_json_pretty()`.
 pub const LLAMA7B_A10_DERIVED_JSON: &str = include_str!("../profiles/llama-7b-a10-derived.json");
+
+/// The shipped measured-basis profile for LLaMA-7B on one A10 (A40
+/// operator measurements, composed and scaled); equal to
+/// `LatencyProfile::measured_llama7b_a10().to_json_pretty()`.
+pub const LLAMA7B_A10_MEASURED_JSON: &str = include_str!("../profiles/llama-7b-a10-measured.json");
+
+pub mod measured;
 
 // ---------------------------------------------------------------------------
 // The file format
