@@ -20,7 +20,8 @@
 //!
 //! Throughput is N decisions over the wall time of the loop; p50/p99 come
 //! from timing every 16th call on its own with `Instant` (whose cost, tens
-//! of ns, is in those samples). Loads and requests are seeded (SplitMix64).
+//! of ns, is in those samples). Loads and requests are seeded
+//! ([`llumen_fleet::synthetic`]).
 //! Wasm and native must choose the same instance at every step.
 //!
 //! What it must not touch: engines, the network, tokio. The instances are
@@ -37,6 +38,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use llumen_engine::SplitMix64;
+use llumen_fleet::synthetic;
 use llumen_host::control::llumlet::{EventSender, LoadSink};
 use llumen_host::control::manager::{InstanceLink, Manager, ManagerConfig};
 use llumen_host::control::metrics::Metrics;
@@ -115,46 +118,6 @@ impl InstanceLink for BenchLink {
         String,
     > {
         Err("the dispatch benchmark's instances run nothing".into())
-    }
-}
-
-use crate::rng::Rng;
-
-/// A plausible snapshot of a busy instance (SmolLM2-sized KV cache).
-fn load(rng: &mut Rng, instance: u32, t: u64) -> InstanceLoad {
-    let total = 792;
-    let used = rng.below(total);
-    let waiting = if rng.below(3) == 0 { rng.below(6) } else { 0 };
-    let hol = if waiting > 0 { 1 + rng.below(64) } else { 0 };
-    InstanceLoad {
-        instance,
-        timestamp_us: t,
-        block_size: 16,
-        total_blocks: total,
-        used_blocks: used,
-        watermark_blocks: 8,
-        running: 1 + rng.below(48),
-        waiting,
-        preempted: u32::from(rng.below(20) == 0),
-        head_of_line_demand_blocks: hol,
-        waiting_demand_blocks: hol * waiting,
-        high_priority_requests: u32::from(rng.below(8) == 0),
-        headroom_blocks: if rng.below(8) == 0 { 16 } else { 0 },
-        step_latency_us: 20_000 + rng.below(20_000),
-        ..Default::default()
-    }
-}
-
-fn request(rng: &mut Rng, id: u64) -> RequestMeta {
-    let priority = u8::from(rng.below(10) == 0);
-    RequestMeta {
-        id,
-        prompt_tokens: 16 + rng.below(2032),
-        max_tokens: 1 + rng.below(512),
-        requested_priority: priority,
-        priority,
-        prefix_hash: rng.next(),
-        arrival_us: 1_700_000_000_000_000 + id * 50,
     }
 }
 
@@ -383,12 +346,20 @@ fn measure(
     instances: u32,
     args: &Args,
 ) -> Result<(FleetSizeResult, String, String)> {
-    let mut rng = Rng(args.seed ^ u64::from(instances));
+    let mut rng = SplitMix64::new(args.seed ^ u64::from(instances));
+    // Every instance serves (none draining): a small fleet is never left
+    // without one to choose.
+    let load = |rng: &mut SplitMix64, instance: u32, t: u64| InstanceLoad {
+        draining: false,
+        ..synthetic::load(rng, instance, t)
+    };
     let initial: Vec<InstanceLoad> = (0..instances).map(|i| load(&mut rng, i, 0)).collect();
-    let requests: Vec<RequestMeta> = (0..RING as u64).map(|i| request(&mut rng, i)).collect();
+    let requests: Vec<RequestMeta> = (0..RING as u64)
+        .map(|i| synthetic::request(&mut rng, i))
+        .collect();
     let snapshots: Vec<InstanceLoad> = (0..RING as u64)
         .map(|t| {
-            let which = rng.below(instances);
+            let which = rng.below(u64::from(instances)) as u32;
             load(&mut rng, which, 1 + t)
         })
         .collect();

@@ -498,7 +498,7 @@ async fn migration_counts(client: &Client, token: &str) -> Result<(u64, u64)> {
 
 /// The prompt of `spec`: seeded token ids.
 fn prompt_of(spec: &RequestSpec) -> Vec<u32> {
-    let mut rng = Rng(0x11fe ^ spec.id.wrapping_mul(0x9E37_79B9));
+    let mut rng = Rng::new(0x11fe ^ spec.id.wrapping_mul(0x9E37_79B9));
     let (lo, hi) = PROMPT_TOKEN_RANGE;
     (0..spec.prompt_tokens)
         .map(|_| lo + rng.below(hi - lo))

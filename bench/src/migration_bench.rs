@@ -353,7 +353,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn prompt(seed: u64, len: usize, vocab: usize) -> Vec<TokenId> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     (0..len).map(|_| rng.below(vocab as u32)).collect()
 }
 
@@ -975,7 +975,7 @@ fn install_synthetic(
     let kv_tokens = prompt.len();
     let blocks = kv_tokens.div_ceil(BLOCK);
     let floats = blocks * engine.backend().kv_bytes_per_block() / 4;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut kv = Vec::with_capacity(floats * 4);
     for _ in 0..floats {
         let x = (rng.next() >> 40) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0;

@@ -14,14 +14,16 @@
 //! - the same three for the migration plan (`plan`), which scans the fleet.
 //!
 //! Timings use `Instant` around each call (its own cost, ~20–40 ns, is in
-//! every figure alike). Inputs are seeded.
+//! every figure alike). Inputs are seeded ([`llumen_fleet::synthetic`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use llumen_engine::SplitMix64;
+use llumen_fleet::synthetic;
 use llumen_host::policy::{PolicyKind, PolicyRuntime, RuntimeConfig};
-use llumen_policy_logic::{Fleet, InstanceLoad, Llumnix, Policy, RequestMeta};
+use llumen_policy_logic::{Fleet, Llumnix, Policy, RequestMeta};
 use serde::Serialize;
 
 #[derive(clap::Args)]
@@ -107,30 +109,6 @@ struct Report {
     target_met_at_64: Option<bool>,
 }
 
-use crate::rng::Rng;
-
-fn load(rng: &mut Rng, instance: u32, t: u64) -> InstanceLoad {
-    let total = 792;
-    let used = rng.below(total);
-    let waiting = rng.below(4);
-    let hol = if waiting > 0 { 1 + rng.below(64) } else { 0 };
-    InstanceLoad {
-        instance,
-        timestamp_us: t,
-        block_size: 16,
-        total_blocks: total,
-        used_blocks: used,
-        watermark_blocks: 8,
-        running: 1 + rng.below(48),
-        waiting,
-        head_of_line_demand_blocks: hol,
-        waiting_demand_blocks: hol * waiting,
-        high_priority_requests: u32::from(rng.below(10) == 0),
-        step_latency_us: 20_000 + rng.below(20_000),
-        ..Default::default()
-    }
-}
-
 fn time(f: impl FnOnce()) -> u64 {
     let start = Instant::now();
     f();
@@ -199,10 +177,10 @@ fn measure(bytes: &[u8], instances: u32, args: &Args) -> Result<(FleetSizeResult
     let mut dispatch_instance = eager.instantiate(&policy, PolicyKind::Dispatch)?;
     let mut migration_instance = eager.instantiate(&policy, PolicyKind::Migration)?;
 
-    let mut rng = Rng(args.seed ^ u64::from(instances));
+    let mut rng = SplitMix64::new(args.seed ^ u64::from(instances));
     let mut fleet = Fleet::new();
     for i in 0..instances {
-        let l = load(&mut rng, i, 0);
+        let l = synthetic::load(&mut rng, i, 0);
         fleet.upsert([l]);
         eager.observe(l);
         lazy.observe(l);
@@ -220,8 +198,8 @@ fn measure(bytes: &[u8], instances: u32, args: &Args) -> Result<(FleetSizeResult
             .collect::<Vec<_>>()
     };
     for k in 0..n as u64 {
-        let which = rng.below(instances);
-        let changed = load(&mut rng, which, k);
+        let which = rng.below(u64::from(instances)) as u32;
+        let changed = synthetic::load(&mut rng, which, k);
         let request = RequestMeta {
             id: k,
             prompt_tokens: 128,

@@ -1,30 +1,36 @@
-//! The benchmarks' seeded random numbers (SplitMix64): the same seed gives
-//! the same fleets and requests on every run. Owns nothing else.
+//! The benchmarks' seeded random numbers: the engine's [`SplitMix64`]
+//! stream, so the same seed gives the same fleets, requests and workloads on
+//! every run. Owns nothing else: the draws the workload generators need
+//! beyond the stream's own (`open_unit_f64`, `exponential`, `normal`,
+//! `gamma`).
 
-/// SplitMix64.
-pub struct Rng(pub u64);
+use llumen_engine::SplitMix64;
+
+/// SplitMix64 with the workload generators' draws.
+pub struct Rng(SplitMix64);
 
 impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(SplitMix64::new(seed))
+    }
+
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in `0..n` (0 when `n` is 0).
     pub fn below(&mut self, n: u32) -> u32 {
-        (self.next() % u64::from(n.max(1))) as u32
+        self.0.below(u64::from(n)) as u32
     }
 }
 
 /// Continuous draws for the workload generators (`workload.rs`). They only
-/// consume [`Rng::next`], so a seed keeps giving the same stream.
+/// consume the SplitMix64 stream (one step a uniform), so a seed keeps
+/// giving the same draws.
 impl Rng {
     /// Uniform in `[0, 1)`, 53 random bits.
     pub fn unit_f64(&mut self) -> f64 {
-        (self.next() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        self.0.next_f64()
     }
 
     /// Uniform in `(0, 1)`: never 0, so its logarithm is finite.

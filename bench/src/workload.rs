@@ -865,8 +865,8 @@ fn req(arrival_us: u64, prompt_tokens: u32, output_tokens: u32) -> RequestSpec {
 
 /// An independent stream per purpose, derived from the seed.
 fn sub_rng(seed: u64, stream: u64) -> Rng {
-    let mut r = Rng(seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    Rng(r.next())
+    let mut r = Rng::new(seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    Rng::new(r.next())
 }
 
 /// Formats a number without a trailing `.0` (`4`, `2.5`).
@@ -1249,7 +1249,7 @@ mod tests {
     fn gamma_sampler_moments() {
         // Shapes on both sides of 1 (the boost path and Marsaglia–Tsang).
         for (shape, scale) in [(0.25, 2.0), (1.0, 1.0), (3.5, 0.5)] {
-            let mut rng = Rng(42);
+            let mut rng = Rng::new(42);
             let xs: Vec<f64> = (0..100_000).map(|_| rng.gamma(shape, scale)).collect();
             let (m, cv) = mean_cv(&xs);
             assert!(

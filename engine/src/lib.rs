@@ -33,7 +33,7 @@ pub use backend::{BackendError, ForwardBatch, ModelBackend, SequenceInput, StepO
 pub use block_manager::{
     BlockError, BlockId, BlockManager, BlockUsage, ReservationId, SeqId, Slot, DEFAULT_BLOCK_SIZE,
 };
-pub use candle::weights::SplitMix64;
+pub use candle::weights::{mix64, SplitMix64};
 pub use engine::{Engine, EngineError, StepReport};
 pub use latency_model::{LatencyModelBackend, LatencyProfile, ProfileError};
 pub use migration::{

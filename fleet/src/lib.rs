@@ -6,6 +6,9 @@
 //!   [`Engine`](llumen_engine::Engine) and its live migrations.
 //! - [`controller`]: [`Controller`], the manager's decisions (placement,
 //!   migration round, scaling round) against a [`Decide`] trait.
+//! - [`synthetic`]: seeded plausible loads, requests and migration
+//!   candidates for benchmarks and tests of decisions (not used by the two
+//!   state machines).
 //!
 //! Style: quinn-proto's. Every state machine owns its state, takes time as
 //! an argument and hands back what to do (messages to send, events) to be
@@ -17,6 +20,7 @@
 
 pub mod controller;
 pub mod instance;
+pub mod synthetic;
 
 pub use controller::*;
 pub use instance::*;

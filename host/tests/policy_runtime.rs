@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Rng;
+use llumen_fleet::synthetic;
 use llumen_host::policy::{
     CallFailure, CompiledPolicy, Decision, DecisionSource, PolicyError, PolicyKind, PolicyRuntime,
     RuntimeConfig, StoreHistory,
 };
 use llumen_policy_logic::{
-    self as logic, Fleet, InstanceLoad, MigrationCandidate, MigrationPair, Policy, RequestMeta,
-    ScalingDecision,
+    self as logic, Fleet, InstanceLoad, MigrationPair, Policy, RequestMeta, ScalingDecision,
 };
 use llumen_store::Store;
 
@@ -49,99 +50,6 @@ fn patient_runtime() -> PolicyRuntime {
 fn compiled(rt: &PolicyRuntime, name: &str) -> Arc<CompiledPolicy> {
     rt.compile(&common::component_bytes(name))
         .unwrap_or_else(|e| panic!("compiling {name}: {e}"))
-}
-
-/// SplitMix64: a tiny seeded generator, so inputs are reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn u32_below(&mut self, n: u32) -> u32 {
-        self.below(u64::from(n)) as u32
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
-/// A plausible instance load: used ≤ total, waiting demand ≥ head-of-line
-/// demand, now and then preempted, draining, migrating or high-priority.
-fn random_load(rng: &mut Rng, instance: u32, t: u64) -> InstanceLoad {
-    let total = 200 + rng.u32_below(800);
-    let used = rng.u32_below(total + 1);
-    let running = rng.u32_below(40);
-    let waiting = if rng.chance(40) { rng.u32_below(10) } else { 0 };
-    let hol = if waiting > 0 {
-        1 + rng.u32_below(120)
-    } else {
-        0
-    };
-    InstanceLoad {
-        instance,
-        timestamp_us: t,
-        block_size: 16,
-        total_blocks: total,
-        used_blocks: used,
-        watermark_blocks: total / 100,
-        running,
-        waiting,
-        preempted: if waiting > 0 && rng.chance(20) {
-            rng.u32_below(waiting) + 1
-        } else {
-            0
-        },
-        head_of_line_demand_blocks: hol,
-        waiting_demand_blocks: hol + waiting.saturating_sub(1) * rng.u32_below(60),
-        high_priority_requests: if rng.chance(15) {
-            1 + rng.u32_below(3)
-        } else {
-            0
-        },
-        headroom_blocks: if rng.chance(15) {
-            rng.u32_below(128)
-        } else {
-            0
-        },
-        migrating_out: u32::from(rng.chance(10)),
-        migrating_in: u32::from(rng.chance(10)),
-        step_latency_us: 10_000 + rng.u32_below(40_000),
-        draining: rng.chance(8),
-    }
-}
-
-fn random_request(rng: &mut Rng, id: u64) -> RequestMeta {
-    let requested_priority = if rng.chance(10) { 1 } else { 0 };
-    RequestMeta {
-        id,
-        prompt_tokens: 1 + rng.u32_below(2048),
-        max_tokens: 1 + rng.u32_below(512),
-        requested_priority,
-        priority: requested_priority,
-        prefix_hash: rng.next() & 0xFFFF_FFFF_0000,
-        arrival_us: id * 1_000,
-    }
-}
-
-fn random_candidates(rng: &mut Rng, n: usize) -> Vec<MigrationCandidate> {
-    (0..n)
-        .map(|i| MigrationCandidate {
-            id: 10_000 + i as u64,
-            priority: u8::from(rng.chance(15)),
-            blocks: 1 + rng.u32_below(200),
-            prompt_tokens: rng.u32_below(2048),
-            output_tokens: rng.u32_below(300),
-            arrival_us: rng.below(1_000_000),
-        })
-        .collect()
 }
 
 fn assert_active<T: std::fmt::Debug>(d: &Decision<T>, policy: &CompiledPolicy) {
@@ -175,22 +83,22 @@ fn check_matches_native(name: &str, seed: u64, steps: usize) {
         .map(|_| logic::by_name(name).unwrap())
         .collect();
     let mut fleet = Fleet::new();
-    let mut rng = Rng(seed);
-    let fleet_size = 2 + rng.u32_below(30);
+    let mut rng = Rng::new(seed);
+    let fleet_size = 2 + rng.below(30) as u32;
     for step in 0..steps as u64 {
         // A few instances report new loads; now and then one leaves or joins.
         for _ in 0..rng.below(4) {
-            let instance = rng.u32_below(fleet_size);
-            let load = random_load(&mut rng, instance, step);
+            let instance = rng.below(fleet_size.into()) as u32;
+            let load = synthetic::load(&mut rng, instance, step);
             fleet.upsert([load]);
             rt.observe(load);
         }
         if rng.chance(3) {
-            let gone = rng.u32_below(fleet_size);
+            let gone = rng.below(fleet_size.into()) as u32;
             fleet.remove(gone);
             rt.remove_instance(gone);
         }
-        let request = random_request(&mut rng, step);
+        let request = synthetic::request(&mut rng, step);
         let ctx = format!("{name} seed {seed} step {step}");
 
         let d = rt.assign_priority(&request);
@@ -228,7 +136,7 @@ fn check_matches_native(name: &str, seed: u64, steps: usize) {
                 destination: 1,
             });
             let n = 1 + rng.below(12) as usize;
-            let candidates = random_candidates(&mut rng, n);
+            let candidates = synthetic::candidates(&mut rng, n);
             let d = rt.choose_migrations(pair, &candidates);
             assert_active(&d, &policy);
             assert_eq!(
@@ -540,8 +448,8 @@ fn hot_swap_and_rollback_under_a_decision_stream() {
     const FLEET_SIZE: u64 = 8;
     let fleet_size = FLEET_SIZE;
     let load_at = |i: u64| {
-        let mut rng = Rng(i);
-        let mut load = random_load(&mut rng, (i % FLEET_SIZE) as u32, i);
+        let mut rng = Rng::new(i);
+        let mut load = synthetic::load(&mut rng, (i % FLEET_SIZE) as u32, i);
         load.draining = false;
         load
     };

@@ -32,8 +32,8 @@ pub fn poisson_cycle(
     high_fraction: f64,
     seed: u64,
 ) -> Vec<RequestSpec> {
-    let mut rng = Rng(seed ^ 0x5157_4f52_4b4c_4f41);
-    let mut unit = move || ((rng.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let mut rng = Rng::new(seed ^ 0x5157_4f52_4b4c_4f41);
+    let mut unit = move || rng.open_unit_f64();
     let mut t = 0.0f64;
     (0..n as u64)
         .map(|id| {

@@ -148,11 +148,10 @@ struct ReqState {
     done: bool,
 }
 
+/// One SplitMix64 step from state `x`: the first output of
+/// `SplitMix64::new(x)`.
 fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    llumen_engine::mix64(x.wrapping_add(0x9E37_79B9_7F4A_7C15))
 }
 
 /// Calls into the policies the active version did not answer.
