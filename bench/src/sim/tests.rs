@@ -3,23 +3,10 @@
 //! priorities, and a policy comparison. They run the real components from
 //! `target/policies` (built by `scripts/build-policies.sh`).
 
-use std::path::PathBuf;
-
 use super::synthetic::{poisson_cycle, poisson_fixed};
 use super::*;
 use crate::record::RequestSpec;
-
-fn policy_dir() -> PathBuf {
-    let dir = std::env::var_os("LLUMEN_POLICY_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/policies"));
-    assert!(
-        dir.join("llumnix.wasm").is_file(),
-        "{} has no policy components: run scripts/build-policies.sh (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
+use llumen_host::front::admin::built_policy_dir as policy_dir;
 
 fn config(instances: u32, policy: &str) -> SimConfig {
     SimConfig::new(

@@ -108,6 +108,22 @@ pub fn default_policy_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// The components `scripts/build-policies.sh` built in this source tree,
+/// for tests and benchmarks: `$LLUMEN_POLICY_DIR`, else the workspace's
+/// `target/policies`. Panics, saying how to build them, when it holds no
+/// `llumnix.wasm`.
+pub fn built_policy_dir() -> PathBuf {
+    let dir = std::env::var_os("LLUMEN_POLICY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/policies"));
+    assert!(
+        dir.join("llumnix.wasm").is_file(),
+        "{} has no policy components: run scripts/build-policies.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
 /// The admin API over a manager and its store.
 pub struct Admin {
     manager: Manager,

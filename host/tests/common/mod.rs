@@ -17,17 +17,7 @@ pub fn llumen() -> &'static str {
 
 /// The policy components built by scripts/build-policies.sh (or the
 /// directory `LLUMEN_POLICY_DIR` names).
-pub fn policy_dir() -> PathBuf {
-    let dir = std::env::var_os("LLUMEN_POLICY_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/policies"));
-    assert!(
-        dir.join("llumnix.wasm").is_file(),
-        "{} has no components: run scripts/build-policies.sh (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
+pub use llumen_host::front::admin::built_policy_dir as policy_dir;
 
 /// The bytes of the component `<name>.wasm` in [`policy_dir`].
 pub fn component_bytes(name: &str) -> Vec<u8> {
