@@ -197,6 +197,24 @@ pub struct ControllerConfig {
     /// A longer request is refused at admission, before any policy sees
     /// it (so it takes no dispatch decision, e.g. no round-robin turn).
     pub max_total_tokens: Option<u32>,
+    /// When the migration round is due (default: the artifact's cadence,
+    /// every 4 step reports per serving instance).
+    pub migration_cadence: MigrationCadence,
+}
+
+/// When the migration round runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationCadence {
+    /// On the driver's timer alone (its own period).
+    Period,
+    /// As the Llumnix artifact: once the busy instances' snapshots since the
+    /// last round reach `per_instance` × the serving instances (the artifact
+    /// counts step reports, `need_migrate_frequency = 4`: about every 4 steps
+    /// per instance). A busy instance (something running or waiting)
+    /// publishes once per step, or more when inputs land between steps;
+    /// idle heartbeats do not count. The driver asks
+    /// [`Controller::migration_due`] after each snapshot.
+    Snapshots { per_instance: u32 },
 }
 
 impl Default for ControllerConfig {
@@ -208,6 +226,7 @@ impl Default for ControllerConfig {
             migrate: true,
             first_migration_id: 1,
             max_total_tokens: None,
+            migration_cadence: MigrationCadence::Snapshots { per_instance: 4 },
         }
     }
 }
@@ -458,6 +477,8 @@ pub struct Controller {
     next_instance: u64,
     next_migration: MigrationId,
     drain_seq: u64,
+    /// Busy instances' snapshots since the last migration round.
+    busy_snapshots: u64,
     stats: ControllerStats,
 }
 
@@ -471,7 +492,21 @@ impl Controller {
             migrations: BTreeMap::new(),
             next_instance: 0,
             drain_seq: 0,
+            busy_snapshots: 0,
             stats: ControllerStats::default(),
+        }
+    }
+
+    /// True when the cadence ([`MigrationCadence::Snapshots`]) says a
+    /// migration round is due: the driver runs one (which resets the count).
+    /// Never with [`MigrationCadence::Period`] or migration off.
+    pub fn migration_due(&self) -> bool {
+        match self.config.migration_cadence {
+            MigrationCadence::Period => false,
+            MigrationCadence::Snapshots { per_instance } => {
+                let serving = self.count(InstancePhase::Serving).max(1) as u64;
+                self.busy_snapshots >= u64::from(per_instance.max(1)) * serving
+            }
         }
     }
 
@@ -670,6 +705,9 @@ impl Controller {
         m.load = Some(load);
         decide.observe(load);
         self.stats.snapshots += 1;
+        if load.running > 0 || load.waiting > 0 {
+            self.busy_snapshots += 1;
+        }
         true
     }
 
@@ -757,6 +795,7 @@ impl Controller {
     pub fn plan_migrations<D: Decide + ?Sized>(&mut self, decide: &mut D) -> Vec<MigrationPair> {
         let pairs = decide.plan_migration();
         self.stats.plan_calls += 1;
+        self.busy_snapshots = 0;
         pairs
             .into_iter()
             .filter(|p| p.source != p.destination && self.can_send(p.source))
@@ -2072,8 +2111,9 @@ mod tests {
             requested_priority: 1,
             ..meta(1)
         };
+        // The artifact's reserve lives in the load metric: no headroom asked.
         let a = c.prioritize(&mut d, &mut m);
-        assert_eq!((m.priority, a.headroom_blocks), (1, 128));
+        assert_eq!((m.priority, a.headroom_blocks), (1, 0));
         assert_eq!(
             c.place(&mut d, &meta(2), &BTreeSet::new()),
             Some(1),

@@ -409,20 +409,29 @@ pub fn admin_command(rng: &mut SplitMix64) -> AdminCommand {
     } else {
         sha()
     };
+    let params: Vec<String> = (0..below(rng, 3))
+        .map(|_| format!("{}={}", text(rng, 12), text(rng, 12)))
+        .collect();
     match below(rng, 8) {
         0 => AdminCommand::Status,
         1 => AdminCommand::PolicyList,
         2 => AdminCommand::PolicyInstall,
-        3 => AdminCommand::PolicySwap { kind, sha256 },
+        3 => AdminCommand::PolicySwap {
+            kind,
+            sha256,
+            params,
+        },
         4 => AdminCommand::PolicyRollback { kind },
         5 => AdminCommand::PolicyShadow {
             kind,
             sha256,
             stop: chance(rng, 2),
+            params,
         },
         6 => AdminCommand::PolicyReplay {
             kind,
             sha256,
+            params,
             from_us: rng.next_u64(),
             to_us: rng.next_u64(),
             limit: below(rng, 1000) as usize,

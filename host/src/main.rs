@@ -103,16 +103,29 @@ struct ServeFlags {
     min_instances: Option<usize>,
     #[arg(long)]
     max_instances: Option<usize>,
+    /// The migration round's period, with --migration-every-steps 0.
     #[arg(long)]
     migration_period_ms: Option<u64>,
+    /// Run the migration round about every N engine steps per instance
+    /// (default 4, the Llumnix artifact's cadence); 0: on the period.
+    #[arg(long)]
+    migration_every_steps: Option<u32>,
     #[arg(long)]
     scaling_period_ms: Option<u64>,
+    /// Seconds before the first scaling round (default 100, as the artifact).
+    #[arg(long)]
+    scaling_first_check_s: Option<u64>,
     /// Directory of policy components (default: target/policies).
     #[arg(long)]
     policy_dir: Option<PathBuf>,
     /// The component every kind starts on.
     #[arg(long)]
     default_policy: Option<String>,
+    /// A parameter of the default policy, NAME=VALUE (repeatable; e.g.
+    /// migrate-out-below=10, select=sjf). `llumen policy inspect FILE` lists
+    /// a component's parameters.
+    #[arg(long = "policy-param", value_name = "NAME=VALUE")]
+    policy_params: Vec<String>,
     #[arg(long)]
     policy_deadline_ms: Option<u64>,
     /// Only compute and log the migration rounds (no live migration).
@@ -138,7 +151,9 @@ impl ServeFlags {
             listen,
             http,
             migration_period_ms,
+            migration_every_steps,
             scaling_period_ms,
+            scaling_first_check_s,
             default_policy,
             policy_deadline_ms
         );
@@ -159,6 +174,9 @@ impl ServeFlags {
         }
         if self.no_migrate {
             c.migrate = false;
+        }
+        if !self.policy_params.is_empty() {
+            c.policy_params = self.policy_params;
         }
         if let Some(n) = self.max_migrations_per_instance {
             c.max_migrations_per_instance = n;
@@ -272,6 +290,9 @@ enum PolicyCommand {
         conn: Conn,
         kind: String,
         target: String,
+        /// A parameter, NAME=VALUE (repeatable; none: the policy's defaults).
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
     },
     /// Make KIND's previous version active again.
     Rollback {
@@ -288,6 +309,9 @@ enum PolicyCommand {
         target: Option<String>,
         #[arg(long)]
         stop: bool,
+        /// A parameter of the candidate, NAME=VALUE (repeatable).
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
     },
     /// Run a candidate over recorded snapshots and decisions.
     Replay {
@@ -303,6 +327,9 @@ enum PolicyCommand {
         to: String,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// A parameter of the candidate, NAME=VALUE (repeatable).
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
     },
 }
 
@@ -581,9 +608,15 @@ async fn run(command: Command) -> Result<()> {
                 conn,
                 kind,
                 target: t,
+                params,
             } => {
                 let (sha256, blob) = target(&t)?;
-                print_json(&admin(&conn, AdminCommand::PolicySwap { kind, sha256 }, &blob).await?)
+                let command = AdminCommand::PolicySwap {
+                    kind,
+                    sha256,
+                    params,
+                };
+                print_json(&admin(&conn, command, &blob).await?)
             }
             PolicyCommand::Rollback { conn, kind } => {
                 print_json(&admin(&conn, AdminCommand::PolicyRollback { kind }, &[]).await?)
@@ -593,6 +626,7 @@ async fn run(command: Command) -> Result<()> {
                 kind,
                 target: t,
                 stop,
+                params,
             } => {
                 let (sha256, blob) = match (&t, stop) {
                     (Some(t), _) => target(t)?,
@@ -602,7 +636,12 @@ async fn run(command: Command) -> Result<()> {
                 print_json(
                     &admin(
                         &conn,
-                        AdminCommand::PolicyShadow { kind, sha256, stop },
+                        AdminCommand::PolicyShadow {
+                            kind,
+                            sha256,
+                            stop,
+                            params,
+                        },
                         &blob,
                     )
                     .await?,
@@ -615,11 +654,13 @@ async fn run(command: Command) -> Result<()> {
                 from,
                 to,
                 limit,
+                params,
             } => {
                 let (sha256, blob) = target(&t)?;
                 let command = AdminCommand::PolicyReplay {
                     kind,
                     sha256,
+                    params,
                     from_us: time_arg(&from)?,
                     to_us: time_arg(&to)?,
                     limit,
@@ -662,6 +703,9 @@ fn inspect(files: &[PathBuf], json: bool) -> Result<()> {
         let policy = runtime
             .compile_file(file)
             .with_context(|| format!("loading {}", file.display()))?;
+        let params = runtime
+            .describe(&policy)
+            .with_context(|| format!("asking {} for its parameters", file.display()))?;
         if !json {
             let kinds: Vec<_> = policy.kinds.iter().map(|k| k.as_str()).collect();
             println!(
@@ -672,6 +716,9 @@ fn inspect(files: &[PathBuf], json: bool) -> Result<()> {
                 policy.sha256,
                 kinds.join(",")
             );
+            for p in &params {
+                println!("  {}={}  {}", p.name, p.default_value, p.description);
+            }
         }
         out.push(serde_json::json!({
             "file": file,
@@ -680,6 +727,9 @@ fn inspect(files: &[PathBuf], json: bool) -> Result<()> {
             "sha256": policy.sha256,
             "kinds": policy.kinds,
             "component_bytes": policy.component_bytes.len(),
+            "params": params.iter().map(|p| serde_json::json!({
+                "name": p.name, "default": p.default_value, "description": p.description,
+            })).collect::<Vec<_>>(),
         }));
     }
     if json {

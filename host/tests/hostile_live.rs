@@ -120,6 +120,7 @@ impl Live {
                 &AdminCommand::PolicySwap {
                     kind: kind.into(),
                     sha256: None,
+                    params: Vec::new(),
                 },
                 component,
             )

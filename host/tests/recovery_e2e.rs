@@ -49,6 +49,7 @@ async fn swap(client: &Client, token: &str, kind: &str, policy: &str) -> serde_j
             &AdminCommand::PolicySwap {
                 kind: kind.into(),
                 sha256: None,
+                params: Vec::new(),
             },
             &bytes,
         )

@@ -354,6 +354,7 @@ async fn bad_input_gets_typed_errors_and_the_server_keeps_serving() {
             &AdminCommand::PolicySwap {
                 kind: "migration".into(),
                 sha256: None,
+                params: Vec::new(),
             },
             &dispatch_only,
         )
@@ -433,6 +434,7 @@ async fn bad_input_gets_typed_errors_and_the_server_keeps_serving() {
             &AdminCommand::PolicyShadow {
                 kind: "dispatch".into(),
                 sha256: None,
+                params: Vec::new(),
                 stop: false,
             },
             &rr,
@@ -462,6 +464,7 @@ async fn bad_input_gets_typed_errors_and_the_server_keeps_serving() {
                     &AdminCommand::PolicyShadow {
                         kind: "dispatch".into(),
                         sha256: None,
+                        params: Vec::new(),
                         stop: true,
                     },
                     &[],
@@ -485,6 +488,7 @@ async fn bad_input_gets_typed_errors_and_the_server_keeps_serving() {
             &AdminCommand::PolicyReplay {
                 kind: "dispatch".into(),
                 sha256: None,
+                params: Vec::new(),
                 from_us: now - 600_000_000,
                 to_us: now + 1,
                 limit: 5,

@@ -141,14 +141,19 @@ impl<B: KvBackend> Store<B> {
         self.backend.flush()
     }
 
-    /// Makes the registered component `sha256` the active `kind` policy and
-    /// pushes the previous one onto the kind's history (at most
-    /// [`MAX_HISTORY`] kept). Returns the previous one. Setting the version
-    /// already active changes nothing. Durable on return.
+    /// Makes the version `sha256` of a registered component the active
+    /// `kind` policy and pushes the previous one onto the kind's history (at
+    /// most [`MAX_HISTORY`] kept). Returns the previous one. Setting the
+    /// version already active changes nothing. Durable on return.
+    ///
+    /// A version is the component's sha256, optionally followed by `?` and
+    /// the parameters it is configured with (opaque here: the admin layer
+    /// writes and reads them); the component itself must be registered.
     pub fn set_active(&self, kind: &str, sha256: &str) -> Result<Option<String>> {
         check_kind(kind)?;
-        if self.policy_meta(sha256)?.is_none() {
-            return Err(StoreError::UnknownPolicy(sha256.to_owned()));
+        let component = sha256.split_once('?').map_or(sha256, |(sha, _)| sha);
+        if self.policy_meta(component)?.is_none() {
+            return Err(StoreError::UnknownPolicy(component.to_owned()));
         }
         let _guard = self.registry_lock.lock().unwrap_or_else(|e| e.into_inner());
         let record = match self.active_record(kind)? {

@@ -233,6 +233,18 @@ fn rollback_body<B: KvBackend>(st: &Store<B>) {
     );
     assert_eq!(st.rollback("dispatch").unwrap(), Some(sha(2)));
     assert_eq!(st.active("dispatch").unwrap(), Some(sha(2)));
+    // A configured version of a registered component is a version of its own.
+    let configured = format!("{}?select=sjf", sha(2));
+    assert_eq!(
+        st.set_active("dispatch", &configured).unwrap(),
+        Some(sha(2))
+    );
+    assert_eq!(st.active("dispatch").unwrap(), Some(configured));
+    assert_eq!(st.rollback("dispatch").unwrap(), Some(sha(2)));
+    assert!(matches!(
+        st.set_active("dispatch", &format!("{}?a=1", sha(9))),
+        Err(StoreError::UnknownPolicy(_))
+    ));
     assert_eq!(st.history("dispatch").unwrap(), vec![sha(1)]);
     assert_eq!(st.rollback("dispatch").unwrap(), Some(sha(1)));
     assert_eq!(st.rollback("dispatch").unwrap(), None);

@@ -13,7 +13,10 @@ use anyhow::{bail, Context, Result};
 use llumen_host::policy::PolicyKind;
 use serde::Serialize;
 
-use super::{load_profile, simulate, PolicySet, PolicySource, ScalingConfig, SimConfig, SimStats};
+use super::{
+    load_profile, simulate, MigrationCadence, PolicySet, PolicySource, ScalingConfig, SimConfig,
+    SimStats,
+};
 use crate::record::RequestSpec;
 use crate::report::{self, RunMeta, RunResult};
 use crate::workload::WorkloadSpec;
@@ -79,9 +82,20 @@ pub struct Args {
     /// No migration round at all.
     #[arg(long)]
     no_migration: bool,
-    /// Period of the migration round, virtual milliseconds.
+    /// Run the migration round about every N steps per instance (the
+    /// Llumnix artifact's cadence, 4; the server's default too); 0: every
+    /// --migration-period-ms instead.
+    #[arg(long, default_value_t = 4)]
+    migration_every_steps: u32,
+    /// Period of the migration round with --migration-every-steps 0,
+    /// virtual milliseconds.
     #[arg(long, default_value_t = 100.0)]
     migration_period_ms: f64,
+    /// A parameter of every run's policies, NAME=VALUE (repeatable; e.g.
+    /// migrate-out-below=10, select=sjf; `llumen policy inspect FILE` lists
+    /// them). A policy that does not take it stops the run with an error.
+    #[arg(long = "policy-param", value_name = "NAME=VALUE")]
+    policy_params: Vec<String>,
     /// Auto-scaling: the scaling policy decides every --scaling-period-s.
     #[arg(long)]
     scaling: bool,
@@ -102,6 +116,10 @@ pub struct Args {
     /// Period of the scaling round, virtual seconds.
     #[arg(long, default_value_t = 10.0)]
     scaling_period_s: f64,
+    /// Virtual seconds before the first scaling round (plus a period; the
+    /// artifact waits 100 s).
+    #[arg(long, default_value_t = 100.0)]
+    scaling_first_check_s: f64,
     /// Period of the fleet samples, virtual seconds.
     #[arg(long, default_value_t = 1.0)]
     sample_period_s: f64,
@@ -153,8 +171,13 @@ fn config(args: &Args, policy: &str) -> Result<SimConfig> {
             *policies.get_mut(kind) = PolicySource::parse(spec, &args.policy_dir);
         }
     }
+    let policies = policies.with_params(args.policy_params.iter().map(String::as_str))?;
     let mut c = SimConfig::new(args.instances, profile, policies);
     c.migration = !args.no_migration;
+    c.migration_cadence = match args.migration_every_steps {
+        0 => MigrationCadence::Period,
+        n => MigrationCadence::Snapshots { per_instance: n },
+    };
     c.migration_period_us = secs_to_us(args.migration_period_ms / 1e3, "--migration-period-ms")?;
     c.sample_period_us = secs_to_us(args.sample_period_s, "--sample-period-s")?;
     c.seed = args.seed;
@@ -186,6 +209,7 @@ fn config(args: &Args, policy: &str) -> Result<SimConfig> {
             max_instances: max,
             startup_delay_us: secs_to_us(args.startup_delay_s, "--startup-delay-s")?,
             period_us: secs_to_us(args.scaling_period_s, "--scaling-period-s")?,
+            first_check_us: secs_to_us(args.scaling_first_check_s, "--scaling-first-check-s")?,
         });
     }
     Ok(c)

@@ -49,6 +49,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use llumen_engine::{LatencyProfile, MigrationConfig, SchedulerConfig};
+pub use llumen_fleet::MigrationCadence;
 use serde::Serialize;
 
 use crate::record::{FleetRecord, RequestRecord, RequestSpec};
@@ -69,17 +70,21 @@ pub struct ScalingConfig {
     pub startup_delay_us: u64,
     /// Period of the scaling round (virtual µs).
     pub period_us: u64,
+    /// The first scaling round comes this long plus a period after the
+    /// start (virtual µs; the artifact waits 100 s before its first check).
+    pub first_check_us: u64,
 }
 
 impl Default for ScalingConfig {
     /// Llumnix's auto-scaling experiment: 1–16 instances, a 10 s period, a
-    /// 5 s start-up.
+    /// 5 s start-up, the first check after 100 s.
     fn default() -> Self {
         Self {
             min_instances: 1,
             max_instances: 16,
             startup_delay_us: 5_000_000,
             period_us: 10_000_000,
+            first_check_us: 100_000_000,
         }
     }
 }
@@ -98,7 +103,12 @@ pub struct SimConfig {
     pub policies: PolicySet,
     /// Execute the migration policy's choices (false: no migration round at all).
     pub migration: bool,
-    /// Period of the migration round (virtual µs).
+    /// When the migration round runs: every `migration_period_us`
+    /// ([`MigrationCadence::Period`]) or, by default, the artifact's cadence
+    /// (about every 4 steps per instance; the server's default too).
+    pub migration_cadence: MigrationCadence,
+    /// Period of the migration round with [`MigrationCadence::Period`]
+    /// (virtual µs).
     pub migration_period_us: u64,
     /// Most migrations in or out of one instance at a time (the manager's
     /// `max_migrations_per_instance`).
@@ -128,7 +138,8 @@ impl SimConfig {
     /// `instances` instances of `profile` under `policies`, with the
     /// simulator's defaults: the profile's block size, pool and batched-token
     /// limit with vLLM's 1% watermark and 256 sequences per batch; migration
-    /// on, every 100 ms, one migration in or out per instance, the engine's
+    /// on, about every 4 steps per instance (the artifact's cadence), one
+    /// migration in or out per instance, the engine's
     /// default protocol (16-block last stage, 3 pre-copy stages) and 1 ms per
     /// message; no auto-scaling; a sample every second.
     pub fn new(instances: u32, profile: Arc<LatencyProfile>, policies: PolicySet) -> Self {
@@ -139,6 +150,7 @@ impl SimConfig {
             scheduler,
             policies,
             migration: true,
+            migration_cadence: MigrationCadence::Snapshots { per_instance: 4 },
             migration_period_us: 100_000,
             max_migrations_per_instance: 1,
             migration_protocol: MigrationConfig::default(),

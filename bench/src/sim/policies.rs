@@ -2,8 +2,9 @@
 //! [`PolicyRuntime`] that runs them.
 //!
 //! **Owns**: naming policies (a component under the policy directory, a
-//! `.wasm` path, or `builtin:NAME` for the native logic), compiling and
-//! swapping the components into a runtime configured for virtual time.
+//! `.wasm` path, or `builtin:NAME` for the native logic) and their
+//! parameters, compiling, configuring and swapping the components into a
+//! runtime configured for virtual time.
 //! **Never touches**: the decisions themselves (the runtime and the
 //! components make them), the simulated fleet.
 
@@ -12,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use llumen_host::policy::{CompiledPolicy, PolicyKind, PolicyRuntime, RuntimeConfig};
+use llumen_policy_logic::Param;
 
 /// Where one kind's decisions come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,13 +53,17 @@ impl fmt::Display for PolicySource {
     }
 }
 
-/// The policy behind each kind of decision.
+/// The policy behind each kind of decision, and the parameters every one
+/// of them is configured with (`llumen:policy/params`; a policy that does
+/// not take one refuses the whole set, so a run never goes on under rules
+/// it was not asked for).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicySet {
     pub dispatch: PolicySource,
     pub migration: PolicySource,
     pub priority: PolicySource,
     pub scaling: PolicySource,
+    pub params: Vec<Param>,
 }
 
 impl PolicySet {
@@ -68,7 +74,17 @@ impl PolicySet {
             migration: source.clone(),
             priority: source.clone(),
             scaling: source,
+            params: Vec::new(),
         }
+    }
+
+    /// This set with `params` (`name=value` each) added.
+    pub fn with_params<'a>(mut self, params: impl IntoIterator<Item = &'a str>) -> Result<Self> {
+        for p in params {
+            self.params
+                .push(Param::parse(p).map_err(|e| anyhow!("policy parameter {p:?}: {e}"))?);
+        }
+        Ok(self)
     }
 
     /// `spec` (see [`PolicySource::parse`]) for all four kinds.
@@ -94,20 +110,27 @@ impl PolicySet {
         }
     }
 
-    /// `llumnix`, or `dispatch=a,migration=b,…` when the kinds differ.
+    /// `llumnix`, or `dispatch=a,migration=b,…` when the kinds differ;
+    /// then `[name=value,…]` with parameters.
     pub fn label(&self) -> String {
         let first = self.dispatch.to_string();
-        if PolicyKind::ALL
+        let mut label = if PolicyKind::ALL
             .iter()
             .all(|&k| self.get(k).to_string() == first)
         {
-            return first;
+            first
+        } else {
+            PolicyKind::ALL
+                .iter()
+                .map(|&k| format!("{k}={}", self.get(k)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if !self.params.is_empty() {
+            let list: Vec<String> = self.params.iter().map(ToString::to_string).collect();
+            label.push_str(&format!("[{}]", list.join(",")));
         }
-        PolicyKind::ALL
-            .iter()
-            .map(|&k| format!("{k}={}", self.get(k)))
-            .collect::<Vec<_>>()
-            .join(",")
+        label
     }
 }
 
@@ -152,6 +175,11 @@ pub fn build_runtime(set: &PolicySet) -> Result<PolicyRuntime> {
     }
     let runtime = PolicyRuntime::new(runtime_config(), builtin.unwrap_or("llumnix"))
         .context("creating the policy runtime")?;
+    if builtin.is_some() {
+        runtime
+            .configure_builtin(&set.params)
+            .context("configuring the builtin policy")?;
+    }
     let mut compiled: Vec<(PathBuf, Arc<CompiledPolicy>)> = Vec::new();
     for kind in PolicyKind::ALL {
         let PolicySource::Component(path) = set.get(kind) else {
@@ -170,6 +198,9 @@ pub fn build_runtime(set: &PolicySet) -> Result<PolicyRuntime> {
                 let c = runtime
                     .compile_file(path)
                     .with_context(|| format!("compiling {}", path.display()))?;
+                let c = runtime
+                    .configure(&c, &set.params)
+                    .with_context(|| format!("configuring {}", path.display()))?;
                 compiled.push((path.clone(), c.clone()));
                 c
             }

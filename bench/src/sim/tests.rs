@@ -213,6 +213,7 @@ fn autoscaling_grows_under_a_burst_and_shrinks_when_idle() {
         max_instances: 4,
         startup_delay_us: 2_000_000,
         period_us: 2_000_000,
+        first_check_us: 0,
     });
     c.min_run_us = 90_000_000;
     let w = poisson_fixed(400, 40.0, 256, 128, 0.0, 2);
@@ -297,7 +298,7 @@ fn bad_configurations_are_refused() {
     c.policies = PolicySet {
         dispatch: PolicySource::Builtin("llumnix".into()),
         migration: PolicySource::Builtin("infaas".into()),
-        ..c.policies
+        ..c.policies.clone()
     };
     assert!(simulate(&c, &w).is_err());
     // A request that can never fit is recorded with an error, the rest run.

@@ -53,7 +53,7 @@ use llumen_fleet::{
 use llumen_host::policy::{PolicyRuntime, RuntimeDecide};
 use llumen_policy_logic::RequestMeta;
 
-use super::{policies, SimConfig, SimOutcome, SimStats};
+use super::{policies, MigrationCadence, SimConfig, SimOutcome, SimStats};
 use crate::record::{FleetRecord, FleetSample, RequestRecord, RequestSpec};
 
 /// The token every simulated prompt is made of (the latency backend reads
@@ -76,7 +76,11 @@ enum EventKind {
     Ready(u32),
     /// An instance's next deadline (`InstanceCore::poll_timeout`).
     Timer(u32),
+    /// The periodic migration round ([`MigrationCadence::Period`]).
     MigrationRound,
+    /// A migration round the snapshot cadence made due
+    /// ([`MigrationCadence::Snapshots`]; not rescheduled).
+    CadenceRound,
     ScalingRound,
     Sample,
 }
@@ -201,6 +205,8 @@ pub struct World<'a> {
     committed_at: HashMap<MigrationId, u64>,
     /// A step failure to stop the run with.
     step_failure: Option<String>,
+    /// A [`EventKind::CadenceRound`] is queued.
+    cadence_round_queued: bool,
     bandwidth: f64,
     kv_bytes_per_block: u64,
     instance_us: u128,
@@ -267,6 +273,7 @@ impl<'a> World<'a> {
             min_instances,
             max_instances,
             migrate: cfg.migration,
+            migration_cadence: cfg.migration_cadence,
             // The server's admission rule: what an instance's scheduler takes.
             max_total_tokens: Some(
                 u32::try_from(cfg.scheduler.max_total_tokens()).unwrap_or(u32::MAX),
@@ -292,6 +299,7 @@ impl<'a> World<'a> {
             fifo: HashMap::new(),
             committed_at: HashMap::new(),
             step_failure: None,
+            cadence_round_queued: false,
             bandwidth,
             kv_bytes_per_block: cfg.profile.kv_bytes_per_block() as u64,
             instance_us: 0,
@@ -332,11 +340,11 @@ impl<'a> World<'a> {
             self.push(self.workload[first as usize].arrival_us, EventKind::Arrival);
         }
         self.push(0, EventKind::Sample);
-        if self.cfg.migration {
+        if self.cfg.migration && self.cfg.migration_cadence == MigrationCadence::Period {
             self.push(self.cfg.migration_period_us, EventKind::MigrationRound);
         }
         if let Some(s) = &self.cfg.scaling {
-            self.push(s.period_us, EventKind::ScalingRound);
+            self.push(s.first_check_us + s.period_us, EventKind::ScalingRound);
         }
         while !self.finished() {
             let ev = self
@@ -361,6 +369,10 @@ impl<'a> World<'a> {
                         self.now + self.cfg.migration_period_us,
                         EventKind::MigrationRound,
                     );
+                }
+                EventKind::CadenceRound => {
+                    self.cadence_round_queued = false;
+                    self.migration_round()?;
                 }
                 EventKind::ScalingRound => {
                     self.scaling_round()?;
@@ -694,6 +706,15 @@ impl<'a> World<'a> {
             }
             CoreEvent::Published(load) => {
                 with_decide!(self, d, self.controller.observe(&mut d, load));
+                // The artifact's cadence: a round once enough step reports
+                // came in (at this instant, after the current event).
+                if self.cfg.migration
+                    && !self.cadence_round_queued
+                    && self.controller.migration_due()
+                {
+                    self.cadence_round_queued = true;
+                    self.push(now, EventKind::CadenceRound);
+                }
             }
             CoreEvent::StepFailed { message } => {
                 self.step_failure

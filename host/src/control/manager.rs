@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use llumen_fleet::{
-    Controller, ControllerConfig, InstancePhase, ManualMigrationError, MigrationNotStarted,
-    MigrationOrder, ScalingAction,
+    Controller, ControllerConfig, InstancePhase, ManualMigrationError, MigrationCadence,
+    MigrationNotStarted, MigrationOrder, ScalingAction,
 };
 use llumen_policy_logic::{InstanceLoad, MigrationCandidate, RequestMeta};
 use llumen_store::{JournalEvent, JournalOutcome, Store};
@@ -184,13 +184,25 @@ pub type LocalFactory =
     Box<dyn Fn(u32, LoadSink, Routes) -> Result<Arc<dyn InstanceLink>, String> + Send + Sync>;
 
 /// Knobs of the manager.
+/// How often the migration loop asks whether the snapshot cadence made a
+/// round due ([`MigrationCadence::Snapshots`]).
+pub const CADENCE_POLL: Duration = Duration::from_millis(10);
+
 #[derive(Clone, Debug)]
 pub struct ManagerConfig {
     pub model_name: String,
     /// Longest prompt + max_tokens an instance serves.
     pub max_model_len: usize,
+    /// The migration round's timer with [`MigrationCadence::Period`].
     pub migration_period: Duration,
+    /// When the migration round runs: on the period, or (the default, the
+    /// artifact's cadence) once enough step snapshots came in, checked
+    /// every [`CADENCE_POLL`].
+    pub migration_cadence: MigrationCadence,
     pub scaling_period: Duration,
+    /// The first scaling round waits this long after start (the artifact
+    /// waits 100 s, letting a fresh fleet fill before judging its load).
+    pub scaling_first_check: Duration,
     /// The scaling round never drains below / grows above these.
     pub min_instances: usize,
     pub max_instances: usize,
@@ -208,7 +220,9 @@ impl Default for ManagerConfig {
             model_name: "llumen".into(),
             max_model_len: 2048,
             migration_period: Duration::from_secs(1),
+            migration_cadence: MigrationCadence::Snapshots { per_instance: 4 },
             scaling_period: Duration::from_secs(5),
+            scaling_first_check: Duration::ZERO,
             min_instances: 1,
             max_instances: 1,
             max_moves: 8,
@@ -408,6 +422,7 @@ impl Manager {
             // Unique across restarts (joined instances may outlive a run).
             first_migration_id: started_us,
             max_total_tokens: Some(u32::try_from(config.max_model_len).unwrap_or(u32::MAX)),
+            migration_cadence: config.migration_cadence,
         });
         Self {
             inner: Arc::new(Inner {
@@ -632,25 +647,45 @@ impl Manager {
         }
     }
 
-    /// Starts the periodic migration and scaling rounds on the current
-    /// tokio runtime; they stop when the manager is dropped.
+    /// Starts the migration and scaling rounds on the current tokio
+    /// runtime; they stop when the manager is dropped.
     pub fn start_rounds(&self) {
-        self.every(self.inner.config.migration_period, |m| async move {
-            m.migration_round().await;
-        });
-        self.every(self.inner.config.scaling_period, |m| async move {
-            m.scaling_round();
-        });
+        let config = &self.inner.config;
+        match config.migration_cadence {
+            MigrationCadence::Period => {
+                self.every(config.migration_period, Duration::ZERO, |m| async move {
+                    m.migration_round().await;
+                });
+            }
+            MigrationCadence::Snapshots { .. } => {
+                self.every(CADENCE_POLL, Duration::ZERO, |m| async move {
+                    if m.inner.controller().migration_due() {
+                        m.migration_round().await;
+                    }
+                });
+            }
+        }
+        self.every(
+            config.scaling_period,
+            config.scaling_first_check,
+            |m| async move {
+                m.scaling_round();
+            },
+        );
     }
 
-    /// Runs `round` every `period` (not at once) while the manager lives.
-    fn every<F, Fut>(&self, period: Duration, round: F)
+    /// Runs `round` every `period` (the first after `delay` + `period`)
+    /// while the manager lives.
+    fn every<F, Fut>(&self, period: Duration, delay: Duration, round: F)
     where
         F: Fn(Manager) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send,
     {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;

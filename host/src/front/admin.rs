@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use llumen_policy_logic::{Fleet, RequestMeta};
+use llumen_policy_logic::{params, Fleet, Param, RequestMeta};
 use llumen_store::{JournalEvent, PolicyMeta, Store};
 use serde::{Deserialize, Serialize};
 
@@ -30,10 +30,13 @@ pub enum AdminCommand {
     /// Registers the component in the blob (does not activate it).
     PolicyInstall,
     /// Makes a version active for `kind`: the blob's component, or the
-    /// registered one whose sha256 starts with `sha256`.
+    /// registered one whose sha256 starts with `sha256`, configured with
+    /// `params` (`name=value` each; none: the policy's defaults).
     PolicySwap {
         kind: String,
         sha256: Option<String>,
+        #[serde(default)]
+        params: Vec<String>,
     },
     PolicyRollback {
         kind: String,
@@ -45,12 +48,16 @@ pub enum AdminCommand {
         sha256: Option<String>,
         #[serde(default)]
         stop: bool,
+        #[serde(default)]
+        params: Vec<String>,
     },
     /// Runs a candidate over recorded snapshots and dispatch decisions
     /// between `from_us` and `to_us`.
     PolicyReplay {
         kind: String,
         sha256: Option<String>,
+        #[serde(default)]
+        params: Vec<String>,
         from_us: u64,
         to_us: u64,
         /// Most decisions listed in the reply (all are counted).
@@ -137,6 +144,28 @@ fn rejected(e: PolicyError) -> ServeError {
 
 fn internal(e: impl std::fmt::Display) -> ServeError {
     ServeError::new(ErrorCode::Internal, e.to_string())
+}
+
+/// The registry's name of a version: the component's sha256, then `?` and
+/// its parameters ([`params::encode_list`]) when it has any.
+fn version_id(policy: &CompiledPolicy) -> String {
+    if policy.params.is_empty() {
+        policy.sha256.to_string()
+    } else {
+        format!("{}?{}", policy.sha256, params::encode_list(&policy.params))
+    }
+}
+
+/// `name=value` settings, as given on a command line or in a config file.
+fn parse_params(params: &[String]) -> Result<Vec<Param>, ServeError> {
+    let parsed = params
+        .iter()
+        .map(|p| Param::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServeError::new(ErrorCode::InvalidParameter, e.to_string()))?;
+    params::check_unique(&parsed)
+        .map_err(|e| ServeError::new(ErrorCode::InvalidParameter, e.to_string()))?;
+    Ok(parsed)
 }
 
 fn parse_kind(kind: &str) -> Result<PolicyKind, ServeError> {
@@ -236,15 +265,38 @@ impl Admin {
         &self,
         sha: &Option<String>,
         blob: &[u8],
+        params: &[String],
     ) -> Result<Arc<CompiledPolicy>, ServeError> {
-        match (sha, blob.is_empty()) {
-            (_, false) => self.install(blob),
-            (Some(sha), true) => self.registered(sha),
-            (None, true) => Err(ServeError::new(
+        let component = match (sha, blob.is_empty()) {
+            (_, false) => self.install(blob)?,
+            (Some(sha), true) => self.registered(sha)?,
+            (None, true) => {
+                return Err(ServeError::new(
+                    ErrorCode::InvalidParameter,
+                    "give a component file or the sha256 of an installed one",
+                ))
+            }
+        };
+        let params = parse_params(params)?;
+        self.runtime()
+            .configure(&component, &params)
+            .map_err(rejected)
+    }
+
+    /// A recorded version (see [`version_id`]): the registered component,
+    /// configured with the parameters the record names.
+    fn version(&self, id: &str) -> Result<Arc<CompiledPolicy>, ServeError> {
+        let (sha, params) = id.split_once('?').unwrap_or((id, ""));
+        let params = params::decode_list(params).map_err(|e| {
+            ServeError::new(
                 ErrorCode::InvalidParameter,
-                "give a component file or the sha256 of an installed one",
-            )),
-        }
+                format!("recorded version {id:?}: {e}"),
+            )
+        })?;
+        let component = self.registered(sha)?;
+        self.runtime()
+            .configure(&component, &params)
+            .map_err(rejected)
     }
 
     /// Makes `policy` active for `kind` in the runtime, then in sled.
@@ -253,20 +305,39 @@ impl Admin {
             .swap(kind, policy.clone())
             .map_err(rejected)?;
         self.store()
-            .set_active(kind.as_str(), &policy.sha256)
+            .set_active(kind.as_str(), &version_id(&policy))
             .map_err(internal)?;
         Ok(())
     }
 
-    /// At start: the active versions recorded in sled, or else the default
-    /// `default_policy` component from the policy directories for every kind
-    /// it implements. Kinds with neither stay on the builtin.
-    pub fn restore(&self, default_policy: &str, dirs: &[PathBuf]) -> Vec<String> {
+    /// At start: the active versions recorded in sled (with the
+    /// parameters they were configured with), or else the default
+    /// `default_policy` component from the policy directories, configured
+    /// with `params`, for every kind it implements. Kinds with neither stay
+    /// on the builtin (configured with `params`). Parameters the default
+    /// policy refuses are an error: the server must not start on rules its
+    /// operator did not ask for.
+    pub fn restore(
+        &self,
+        default_policy: &str,
+        dirs: &[PathBuf],
+        params: &[String],
+    ) -> Result<Vec<String>, ServeError> {
+        let parsed = parse_params(params)?;
+        if let Err(e) = llumen_policy_logic::configured(default_policy, &parsed) {
+            return Err(ServeError::new(
+                ErrorCode::InvalidParameter,
+                format!("--policy-param for {default_policy}: {e}"),
+            ));
+        }
+        self.runtime()
+            .configure_builtin(&parsed)
+            .map_err(rejected)?;
         let mut notes = Vec::new();
         for kind in PolicyKind::ALL {
             let active = self.store().active(kind.as_str()).ok().flatten();
             if let Some(sha) = active {
-                match self.registered(&sha).and_then(|p| {
+                match self.version(&sha).and_then(|p| {
                     self.runtime()
                         .swap(kind, p.clone())
                         .map(|_| p)
@@ -298,6 +369,7 @@ impl Admin {
             match std::fs::read(&file)
                 .map_err(|e| internal(format!("reading {}: {e}", file.display())))
                 .and_then(|bytes| self.install(&bytes))
+                .and_then(|p| self.runtime().configure(&p, &parsed).map_err(rejected))
                 .and_then(|p| {
                     if p.kinds.contains(&kind) {
                         self.activate(kind, p.clone()).map(|_| Some(p))
@@ -313,7 +385,7 @@ impl Admin {
                 Err(e) => notes.push(format!("{kind}: builtin ({}: {e})", file.display())),
             }
         }
-        notes
+        Ok(notes)
     }
 
     /// Runs one command.
@@ -336,7 +408,7 @@ impl Admin {
                 for (sha, meta) in self.store().list_policies().map_err(internal)? {
                     let active_for: Vec<&String> = actives
                         .iter()
-                        .filter(|(_, s)| **s == sha)
+                        .filter(|(_, s)| s.split('?').next() == Some(sha.as_str()))
                         .map(|(k, _)| k)
                         .collect();
                     out.push(serde_json::json!({
@@ -372,9 +444,13 @@ impl Admin {
                     "kinds": p.kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
                 }))
             }
-            AdminCommand::PolicySwap { kind, sha256 } => {
+            AdminCommand::PolicySwap {
+                kind,
+                sha256,
+                params,
+            } => {
                 let kind = parse_kind(&kind)?;
-                let p = self.candidate(&sha256, blob)?;
+                let p = self.candidate(&sha256, blob, &params)?;
                 if !p.kinds.contains(&kind) {
                     return Err(ServeError::new(
                         ErrorCode::PolicyRejected,
@@ -393,6 +469,7 @@ impl Admin {
                 self.activate(kind, p.clone())?;
                 Ok(serde_json::json!({
                     "kind": kind.as_str(), "active": &*p.sha256, "name": &*p.name,
+                    "version": version_id(&p), "label": p.label,
                     "previous": previous,
                 }))
             }
@@ -409,14 +486,19 @@ impl Admin {
                             format!("no earlier {kind} policy to roll back to"),
                         )
                     })?;
-                let p = self.registered(&sha)?;
+                let p = self.version(&sha)?;
                 self.runtime().swap(kind, p.clone()).map_err(rejected)?;
                 self.store().rollback(kind.as_str()).map_err(internal)?;
                 Ok(
                     serde_json::json!({ "kind": kind.as_str(), "active": &*p.sha256, "name": &*p.name }),
                 )
             }
-            AdminCommand::PolicyShadow { kind, sha256, stop } => {
+            AdminCommand::PolicyShadow {
+                kind,
+                sha256,
+                stop,
+                params,
+            } => {
                 let kind = parse_kind(&kind)?;
                 if stop {
                     let report = self.manager.shadows().stop(kind).ok_or_else(|| {
@@ -424,7 +506,7 @@ impl Admin {
                     })?;
                     return json(serde_json::to_value(report));
                 }
-                let p = self.candidate(&sha256, blob)?;
+                let p = self.candidate(&sha256, blob, &params)?;
                 self.manager
                     .shadows()
                     .start(kind, p.clone())
@@ -449,6 +531,7 @@ impl Admin {
             AdminCommand::PolicyReplay {
                 kind,
                 sha256,
+                params,
                 from_us,
                 to_us,
                 limit,
@@ -460,7 +543,7 @@ impl Admin {
                         "--from is after --to",
                     ));
                 }
-                let p = self.candidate(&sha256, blob)?;
+                let p = self.candidate(&sha256, blob, &params)?;
                 self.manager.flush();
                 let report = replay(
                     self.runtime(),

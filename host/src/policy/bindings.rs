@@ -11,10 +11,10 @@ use super::history::SnapshotHistory;
 
 wasmtime::component::bindgen!({
     path: "../policies-wit",
-    world: "full-policy",
+    world: "configurable-policy",
 });
 
-pub use exports::llumen::policy::{dispatch, fleet, migration, priority, scaling};
+pub use exports::llumen::policy::{dispatch, fleet, migration, params, priority, scaling};
 pub use llumen::policy::types as wit;
 
 /// Everything a policy's store carries.
@@ -82,7 +82,7 @@ impl llumen::policy::history::Host for GuestState {
 
 /// Adds the only import a policy may have, `llumen:policy/history`.
 pub fn add_imports(linker: &mut wasmtime::component::Linker<GuestState>) -> wasmtime::Result<()> {
-    FullPolicy::add_to_linker::<GuestState, HasSelf<GuestState>>(linker, |s| s)
+    ConfigurablePolicy::add_to_linker::<GuestState, HasSelf<GuestState>>(linker, |s| s)
 }
 
 pub fn load_to_wit(l: &logic::InstanceLoad) -> wit::InstanceLoad {

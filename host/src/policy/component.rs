@@ -6,7 +6,8 @@
 //! all, is refused by name at compile time) and the epoch ticker that
 //! enforces deadlines (its epoch follows wall-clock time, catching up after
 //! an oversleep).
-//! [`CompiledPolicy`] is one compiled, pre-instantiated component.
+//! [`CompiledPolicy`] is one compiled, pre-instantiated component with the
+//! parameters its instances are configured with.
 //! [`LiveInstance`] is one instantiation of it in its own store, with the
 //! typed handles of the interfaces the runtime calls.
 
@@ -19,8 +20,10 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
 
+use llumen_policy_logic as logic;
+
 use super::bindings::{
-    self, dispatch, fleet, migration, priority, scaling, wit, GuestState, MemoryCap,
+    self, dispatch, fleet, migration, params, priority, scaling, wit, GuestState, MemoryCap,
 };
 use super::history::SnapshotHistory;
 use super::{CallFailure, PolicyError, PolicyKind, RuntimeConfig};
@@ -177,6 +180,7 @@ impl PolicyEngine {
                 PolicyKind::Scaling => scaling::GuestIndices::new(&pre).is_ok(),
             })
             .collect();
+        let params = params::GuestIndices::new(&pre).ok();
         let mut compiled = CompiledPolicy {
             label: String::new(),
             sha256,
@@ -184,8 +188,10 @@ impl PolicyEngine {
             version: String::new(),
             kinds,
             component_bytes,
+            params: Arc::from(Vec::new()),
             pre,
             fleet,
+            params_iface: params,
         };
         // Ask the policy its name (also proves it instantiates and answers).
         let kind = compiled
@@ -197,10 +203,66 @@ impl PolicyEngine {
         let info = live
             .info()
             .map_err(|failure| PolicyError::Trial { kind, failure })?;
-        compiled.label = format!("{}@{}", info.name, &compiled.sha256[..12]);
+        compiled.label = labelled(&info.name, &compiled.sha256, &[]);
         compiled.name = info.name.into();
         compiled.version = info.version;
         Ok(Arc::new(compiled))
+    }
+
+    /// `policy` with `params` set: a new version (its label names them),
+    /// checked by a fresh instance's `params.configure` (a policy without
+    /// the `params` interface takes none). No parameters: `policy` itself.
+    pub fn configure(
+        &self,
+        policy: &Arc<CompiledPolicy>,
+        params: &[logic::Param],
+    ) -> Result<Arc<CompiledPolicy>, PolicyError> {
+        if params.is_empty() && policy.params.is_empty() {
+            return Ok(policy.clone());
+        }
+        let mut configured = (**policy).clone();
+        configured.params = Arc::from(params.to_vec());
+        configured.label = labelled(&policy.name, &policy.sha256, params);
+        let configured = Arc::new(configured);
+        let kind = configured
+            .kinds
+            .first()
+            .copied()
+            .unwrap_or(PolicyKind::Dispatch);
+        self.instantiate(&configured, kind)?;
+        Ok(configured)
+    }
+
+    /// The parameters `policy` takes, with their defaults (none without the
+    /// `params` interface).
+    pub fn describe(
+        &self,
+        policy: &Arc<CompiledPolicy>,
+    ) -> Result<Vec<logic::ParamSpec>, PolicyError> {
+        let Some(indices) = &policy.params_iface else {
+            return Ok(Vec::new());
+        };
+        let kind = policy
+            .kinds
+            .first()
+            .copied()
+            .unwrap_or(PolicyKind::Dispatch);
+        let (mut store, instance) = self.store_and_instance(policy)?;
+        let guest = indices
+            .load(&mut store, &instance)
+            .map_err(|e| PolicyError::WrongWorld { kind, source: e })?;
+        let specs = guarded(&mut store, self.deadline_ticks(), |s| {
+            guest.call_describe(s)
+        })
+        .map_err(|failure| PolicyError::Trial { kind, failure })?;
+        Ok(specs
+            .into_iter()
+            .map(|s| logic::ParamSpec {
+                name: s.name,
+                default_value: s.default_value,
+                description: s.description,
+            })
+            .collect())
     }
 
     /// A fresh instance of `policy` for calls of `kind`, type-checked against
@@ -212,32 +274,39 @@ impl PolicyEngine {
     ) -> Result<LiveInstance, PolicyError> {
         if !policy.kinds.contains(&kind) {
             let missing =
-                wasmtime::format_err!("no exported instance named `llumen:policy/{kind}@0.1.0`");
+                wasmtime::format_err!("no exported instance named `llumen:policy/{kind}@0.1.x`");
             return Err(PolicyError::WrongWorld {
                 kind,
                 source: missing,
             });
         }
-        let mut store = Store::new(
-            &self.engine,
-            GuestState {
-                limits: MemoryCap {
-                    max_memory_bytes: self.config.memory_limit_bytes,
-                    max_table_elements: 100_000,
-                    exceeded: false,
-                },
-                history: self.history.clone(),
-                history_max: self.config.history_max,
-            },
-        );
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
-        let instance = policy
-            .pre
-            .instantiate(&mut store)
-            .map_err(PolicyError::Instantiate)?;
+        let (mut store, instance) = self.store_and_instance(policy)?;
         let wrong_world = |source| PolicyError::WrongWorld { kind, source };
+        if !policy.params.is_empty() {
+            let refused = |message: String| PolicyError::Params {
+                policy: policy.name.to_string(),
+                message,
+            };
+            let Some(indices) = &policy.params_iface else {
+                return Err(refused(
+                    "it takes no parameters (it does not export llumen:policy/params)".into(),
+                ));
+            };
+            let guest = indices.load(&mut store, &instance).map_err(wrong_world)?;
+            let values: Vec<params::Param> = policy
+                .params
+                .iter()
+                .map(|p| params::Param {
+                    name: p.name.clone(),
+                    value: p.value.clone(),
+                })
+                .collect();
+            guarded(&mut store, self.deadline_ticks(), |s| {
+                guest.call_configure(s, &values)
+            })
+            .map_err(|failure| PolicyError::Trial { kind, failure })?
+            .map_err(refused)?;
+        }
         let fleet = policy
             .fleet
             .load(&mut store, &instance)
@@ -274,6 +343,34 @@ impl PolicyEngine {
         })
     }
 
+    /// A fresh store (memory cap, deadline, history) and an instance of
+    /// `policy` in it.
+    fn store_and_instance(
+        &self,
+        policy: &CompiledPolicy,
+    ) -> Result<(Store<GuestState>, wasmtime::component::Instance), PolicyError> {
+        let mut store = Store::new(
+            &self.engine,
+            GuestState {
+                limits: MemoryCap {
+                    max_memory_bytes: self.config.memory_limit_bytes,
+                    max_table_elements: 100_000,
+                    exceeded: false,
+                },
+                history: self.history.clone(),
+                history_max: self.config.history_max,
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let instance = policy
+            .pre
+            .instantiate(&mut store)
+            .map_err(PolicyError::Instantiate)?;
+        Ok((store, instance))
+    }
+
     fn deadline_ticks(&self) -> u64 {
         let tick = self.config.epoch_tick.as_nanos().max(1);
         // +2: the current tick may be about to end, and the epoch lags the
@@ -300,7 +397,9 @@ pub struct CompiledPolicy {
     pub sha256: PolicySha,
     /// The name the policy gives itself (`fleet.info`).
     pub name: Arc<str>,
-    /// `<name>@<first 12 hex digits of sha256>`, for logs and stats.
+    /// `<name>@<first 12 hex digits of sha256>`, followed by
+    /// `[name=value,…]` when parameters are set: for logs, stats and the
+    /// journal (two parameter sets of one component are two versions).
     pub label: String,
     /// The version the policy gives itself.
     pub version: String,
@@ -308,8 +407,22 @@ pub struct CompiledPolicy {
     pub kinds: Vec<PolicyKind>,
     /// The component, as stored in the registry.
     pub component_bytes: Vec<u8>,
+    /// Parameters every instance is configured with (`params.configure`).
+    pub params: Arc<[logic::Param]>,
     pre: InstancePre<GuestState>,
     fleet: fleet::GuestIndices,
+    /// The `params` export, when the component has it.
+    params_iface: Option<params::GuestIndices>,
+}
+
+/// A version's label: `name@sha12`, then `[k=v,…]` with parameters.
+fn labelled(name: &str, sha256: &str, params: &[logic::Param]) -> String {
+    let mut label = format!("{name}@{}", &sha256[..12]);
+    if !params.is_empty() {
+        let list: Vec<String> = params.iter().map(ToString::to_string).collect();
+        label.push_str(&format!("[{}]", list.join(",")));
+    }
+    label
 }
 
 impl std::fmt::Debug for CompiledPolicy {
@@ -319,6 +432,7 @@ impl std::fmt::Debug for CompiledPolicy {
             .field("version", &self.version)
             .field("sha256", &self.sha256)
             .field("kinds", &self.kinds)
+            .field("params", &self.params)
             .finish()
     }
 }

@@ -21,13 +21,13 @@ pub enum PolicyError {
     Componentize(anyhow::Error),
     #[error("compiling the component: {0:#}")]
     Compile(wasmtime::Error),
-    #[error("the component imports {}: policies cannot read files, the network or the clock (the only import a policy may have is llumen:policy/history@0.1.0)", imports.join(", "))]
+    #[error("the component imports {}: policies cannot read files, the network or the clock (the only import a policy may have is llumen:policy/history@0.1.x)", imports.join(", "))]
     Sandbox { imports: Vec<String> },
     #[error("the component does not fit the host (it may import something other than llumen:policy/history, such as WASI): {0:#}")]
     Link(wasmtime::Error),
-    #[error("not a llumen:policy component: it does not export llumen:policy/fleet@0.1.0: {0:#}")]
+    #[error("not a llumen:policy component: it does not export llumen:policy/fleet@0.1.x: {0:#}")]
     NotAPolicy(wasmtime::Error),
-    #[error("the component exports none of the dispatch, migration, priority or scaling interfaces of llumen:policy@0.1.0")]
+    #[error("the component exports none of the dispatch, migration, priority or scaling interfaces of llumen:policy@0.1.x")]
     NoKinds,
     #[error("the component does not implement the {kind} world of llumen:policy: {source:#}")]
     WrongWorld {
@@ -41,6 +41,8 @@ pub enum PolicyError {
         kind: PolicyKind,
         failure: super::CallFailure,
     },
+    #[error("policy {policy} refused its parameters: {message}")]
+    Params { policy: String, message: String },
     #[error("no earlier {0} policy to roll back to")]
     NothingToRollBack(PolicyKind),
     #[error("{0}")]

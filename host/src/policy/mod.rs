@@ -453,7 +453,7 @@ impl Slot {
         fresh: LiveInstance,
     ) -> Option<Arc<CompiledPolicy>> {
         self.fold_active_stats();
-        self.set_builtin(&policy.name);
+        self.set_builtin(&policy.name, &policy.params);
         self.live = Some(fresh);
         self.fallback_live = None;
         self.reset_outcomes();
@@ -525,17 +525,22 @@ impl Slot {
         }
     }
 
-    fn set_builtin(&mut self, name: &str) {
-        self.builtin = builtin_for(name);
+    fn set_builtin(&mut self, name: &str, params: &[logic::Param]) {
+        self.builtin = builtin_for(name, params);
         let name = self.builtin.info().name;
         self.builtin_label = format!("builtin:{name}");
         self.builtin_name = name.into();
     }
 }
 
-/// The native policy named `name` (llumnix when there is none by that name).
-fn builtin_for(name: &str) -> Box<dyn Policy> {
-    logic::by_name(name).unwrap_or_else(|| Box::new(logic::Llumnix::default()))
+/// The native policy named `name` with `params` (llumnix with its defaults
+/// when there is none by that name; parameters were checked against it by
+/// [`PolicyRuntime::configure`], so a refusal here falls back the same way).
+fn builtin_for(name: &str, params: &[logic::Param]) -> Box<dyn Policy> {
+    match logic::configured(name, params) {
+        Ok(Some(policy)) => policy,
+        Ok(None) | Err(_) => Box::new(logic::Llumnix::default()),
+    }
 }
 
 /// The counters under `label`, creating them on first use (no allocation
@@ -583,7 +588,7 @@ impl PolicyRuntime {
                 live: None,
                 previous: Vec::new(),
                 fallback_live: None,
-                builtin: builtin_for(builtin),
+                builtin: builtin_for(builtin, &[]),
                 builtin_name: "".into(),
                 builtin_label: String::new(),
                 consecutive_failures: 0,
@@ -598,7 +603,7 @@ impl PolicyRuntime {
                 active_stats: VersionStats::default(),
                 stats: BTreeMap::new(),
             };
-            slot.set_builtin(builtin);
+            slot.set_builtin(builtin, &[]);
             Mutex::new(slot)
         };
         Ok(Self {
@@ -626,6 +631,55 @@ impl PolicyRuntime {
             source,
         })?;
         self.compile(&bytes)
+    }
+
+    /// `policy` with `params` set, as a new version (see
+    /// [`CompiledPolicy::params`]): refused when the component refuses them,
+    /// or when the host's native builtin of the same name (its fallback)
+    /// does, so that the fallback decides by the same rules.
+    pub fn configure(
+        &self,
+        policy: &Arc<CompiledPolicy>,
+        params: &[logic::Param],
+    ) -> Result<Arc<CompiledPolicy>, PolicyError> {
+        let configured = self.engine.configure(policy, params)?;
+        if let Err(e) = logic::configured(&policy.name, params) {
+            return Err(PolicyError::Params {
+                policy: format!("builtin:{}", policy.name),
+                message: e.to_string(),
+            });
+        }
+        Ok(configured)
+    }
+
+    /// The parameters `policy` takes, with their defaults.
+    pub fn describe(
+        &self,
+        policy: &Arc<CompiledPolicy>,
+    ) -> Result<Vec<logic::ParamSpec>, PolicyError> {
+        self.engine.describe(policy)
+    }
+
+    /// Sets the parameters of every slot's native builtin (the policy that
+    /// decides while no component is active, and the last fallback): for
+    /// runs on the builtin alone. Refused, with nothing changed, when the
+    /// builtin refuses them.
+    pub fn configure_builtin(&self, params: &[logic::Param]) -> Result<(), PolicyError> {
+        for slot in &self.slots {
+            let name = lock(slot).builtin_name.clone();
+            if let Err(e) = logic::configured(&name, params) {
+                return Err(PolicyError::Params {
+                    policy: format!("builtin:{name}"),
+                    message: e.to_string(),
+                });
+            }
+        }
+        for slot in &self.slots {
+            let mut slot = lock(slot);
+            let name = slot.builtin_name.clone();
+            slot.set_builtin(&name, params);
+        }
+        Ok(())
     }
 
     /// A standalone instance of `policy` for `kind`, outside any slot: for

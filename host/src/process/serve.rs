@@ -42,10 +42,22 @@ pub struct ServeConfig {
     /// fixed fleet).
     pub min_instances: Option<usize>,
     pub max_instances: Option<usize>,
+    /// The migration round's period when `migration_every_steps` is 0.
     pub migration_period_ms: u64,
+    /// Run the migration round about every this many engine steps per
+    /// instance (the Llumnix artifact's cadence: 4); 0: every
+    /// `migration_period_ms` instead.
+    pub migration_every_steps: u32,
     pub scaling_period_ms: u64,
+    /// The first scaling round waits this long after start (the artifact's
+    /// 100 s).
+    pub scaling_first_check_s: u64,
     /// The component each kind starts on (`<name>.wasm` in the policy dirs).
     pub default_policy: String,
+    /// Parameters of the default policy, `name=value` each (the policy's
+    /// `params` interface; e.g. `migrate-out-below=10`). Versions restored
+    /// from the registry keep the parameters they were swapped in with.
+    pub policy_params: Vec<String>,
     pub policy_dir: Option<PathBuf>,
     /// Deadline of one policy call.
     pub policy_deadline_ms: u64,
@@ -79,8 +91,11 @@ impl Default for ServeConfig {
             min_instances: None,
             max_instances: None,
             migration_period_ms: 1000,
+            migration_every_steps: 4,
             scaling_period_ms: 5000,
+            scaling_first_check_s: 100,
             default_policy: "llumnix".into(),
+            policy_params: Vec::new(),
             policy_dir: None,
             policy_deadline_ms: 50,
             migrate: true,
@@ -187,7 +202,12 @@ pub async fn run_serve(
         model_name: model.name.clone(),
         max_model_len,
         migration_period: Duration::from_millis(config.migration_period_ms.max(10)),
+        migration_cadence: match config.migration_every_steps {
+            0 => llumen_fleet::MigrationCadence::Period,
+            n => llumen_fleet::MigrationCadence::Snapshots { per_instance: n },
+        },
         scaling_period: Duration::from_millis(config.scaling_period_ms.max(10)),
+        scaling_first_check: Duration::from_secs(config.scaling_first_check_s),
         min_instances: config.min_instances.unwrap_or(config.instances),
         max_instances: config.max_instances.unwrap_or(config.instances),
         max_moves: 8,
@@ -210,7 +230,10 @@ pub async fn run_serve(
     let policies = {
         let admin = admin.clone();
         let default = config.default_policy.clone();
-        tokio::task::spawn_blocking(move || admin.restore(&default, &dirs)).await?
+        let params = config.policy_params.clone();
+        tokio::task::spawn_blocking(move || admin.restore(&default, &dirs, &params))
+            .await?
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?
     };
     let mut instances = Vec::new();
     for _ in 0..config.instances {

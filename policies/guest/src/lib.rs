@@ -1,5 +1,6 @@
 //! Glue that turns a [`llumen_policy_logic::Policy`] into a `llumen:policy`
-//! `full-policy` component.
+//! `configurable-policy` component (the four kinds of decision plus
+//! `params`).
 //!
 //! This crate owns the guest side of the WIT boundary: the wit-bindgen
 //! bindings, the conversions between WIT records and the logic crate's types,
@@ -18,7 +19,7 @@ use llumen_policy_logic as logic;
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "full-policy",
+        world: "configurable-policy",
         path: "../../policies-wit",
         pub_export_macro: true,
         export_macro_name: "export_full_policy",
@@ -26,7 +27,7 @@ pub mod bindings {
     });
 }
 
-use bindings::exports::llumen::policy::{dispatch, fleet, migration, priority, scaling};
+use bindings::exports::llumen::policy::{dispatch, fleet, migration, params, priority, scaling};
 use bindings::llumen::policy::types as wit;
 
 /// Exports `$make` (an expression building a `llumen_policy_logic::Policy`)
@@ -138,6 +139,26 @@ impl fleet::Guest for Adapter {
         with_state(|s| {
             s.fleet.remove(instance);
         })
+    }
+}
+
+impl params::Guest for Adapter {
+    fn describe() -> Vec<params::ParamSpec> {
+        with_state(|s| s.policy.param_specs())
+            .into_iter()
+            .map(|spec| params::ParamSpec {
+                name: spec.name,
+                default_value: spec.default_value,
+                description: spec.description,
+            })
+            .collect()
+    }
+    fn configure(values: Vec<params::Param>) -> Result<(), String> {
+        let values: Vec<logic::Param> = values
+            .into_iter()
+            .map(|p| logic::Param::new(p.name, p.value))
+            .collect();
+        with_state(|s| s.policy.configure(&values)).map_err(|e| e.to_string())
     }
 }
 

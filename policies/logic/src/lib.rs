@@ -17,13 +17,16 @@
 
 mod fleet;
 mod freeness;
+pub mod params;
 mod policies;
 mod types;
 
 pub use fleet::Fleet;
 pub use freeness::Freeness;
+pub use params::{Param, ParamError, ParamSpec};
 pub use policies::{
-    by_name, Infaas, Llumnix, LlumnixParams, QueueLength, RoundRobin, POLICY_NAMES,
+    by_name, configured, Deficit, DrainPick, Infaas, Llumnix, LlumnixParams, MigrationLoad,
+    PriorityReserve, QueueLength, RoundRobin, Selection, POLICY_NAMES,
 };
 pub use types::*;
 
@@ -34,6 +37,21 @@ pub use types::*;
 pub trait Policy: Send {
     /// Short name (e.g. `"llumnix"`) and version.
     fn info(&self) -> PolicyInfo;
+    /// The parameters this policy takes, with their defaults and meanings.
+    /// Default: none.
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        Vec::new()
+    }
+    /// Sets parameters, all or nothing: on an error (an unknown name, a
+    /// value it cannot take, a name given twice) nothing changes. Called
+    /// before any decision; parameters not named keep their defaults.
+    /// Default: no parameter is known.
+    fn configure(&mut self, params: &[Param]) -> Result<(), ParamError> {
+        match params.first() {
+            None => Ok(()),
+            Some(p) => Err(ParamError::unknown(&p.name, &[])),
+        }
+    }
     /// The instance that serves `request`, or `None` when no instance can
     /// (the fleet is empty or every instance is draining).
     fn dispatch(&mut self, fleet: &Fleet, request: &RequestMeta) -> Option<InstanceId>;

@@ -7,7 +7,9 @@
 
 use std::cell::RefCell;
 
-wit_bindgen::generate!({ world: "dispatch-policy", path: "../../../policies-wit" });
+// Built against the frozen 0.1.0 contract (see ../wit-0.1.0/README.md):
+// it proves a 0.1.0 component still loads on a 0.1.x host.
+wit_bindgen::generate!({ world: "dispatch-policy", path: "../wit-0.1.0" });
 
 use exports::llumen::policy::{dispatch, fleet};
 use llumen::policy::history;

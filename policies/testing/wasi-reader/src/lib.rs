@@ -18,8 +18,8 @@ wit_bindgen::generate!({
             import wasi:clocks/wall-clock@0.2.0;
             import wasi:filesystem/preopens@0.2.0;
             import wasi:sockets/instance-network@0.2.0;
-            export llumen:policy/fleet@0.1.0;
-            export llumen:policy/dispatch@0.1.0;
+            export llumen:policy/fleet@0.1.1;
+            export llumen:policy/dispatch@0.1.1;
         }
 
         package wasi:clocks@0.2.0 {
