@@ -2,11 +2,11 @@
 //!
 //! `llumnix` follows the Llumnix artifact (`AlibabaPAI/llumnix`, branch
 //! `osdi24ae`) by default; each point where the paper or an earlier llumen
-//! differs is a parameter value ([`LlumnixParams`]). Two deliberate
-//! departures stay on by default and can be switched off: the monotone
-//! deficit past saturation ([`Deficit`]) and the fit check in the migration
-//! pick (`fit-check`); docs/ARCHITECTURE.md lists them with their
-//! measurements.
+//! differs is a parameter value ([`LlumnixParams`]). One deliberate
+//! departure stays on by default and can be switched off: the fit check in
+//! the migration pick (`fit-check`). The monotone deficit past saturation
+//! ([`Deficit::Monotone`]) is a parameter value, off by default.
+//! docs/ARCHITECTURE.md lists both with their measurements.
 
 use crate::params::{check_unique, parse_choice, parse_value, Param, ParamError, ParamSpec};
 use crate::{
@@ -114,8 +114,7 @@ pub enum DrainPick {
 }
 
 /// Parameters of the Llumnix rules; the defaults are the artifact's values,
-/// but for the two documented departures ([`Deficit::Monotone`],
-/// `fit_check`).
+/// but for the documented departure `fit_check`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LlumnixParams {
     /// Migration sources: migration freeness below this (`migrate-out-below`).
@@ -150,7 +149,7 @@ impl Default for LlumnixParams {
             priority_reserve: PriorityReserve::AllBut { target_blocks: 100 },
             migration_load: MigrationLoad::AllWaiting,
             select: Selection::Lcfs,
-            deficit: Deficit::Monotone,
+            deficit: Deficit::Divide,
             fit_check: true,
             drain_pick: DrainPick::HighestId,
         }
@@ -754,8 +753,8 @@ mod tests {
             l.waiting = 1;
             l.waiting_demand_blocks = 20;
         }
-        let m = Llumnix::default().params;
-        let d = with(&[("deficit", "divide")]).params;
+        let m = with(&[("deficit", "monotone")]).params;
+        let d = Llumnix::default().params;
         assert!(m.migration_freeness(&over[1]) < m.migration_freeness(&over[0]));
         assert!(d.migration_freeness(&over[1]) > d.migration_freeness(&over[0]));
     }
