@@ -37,7 +37,7 @@ use serde::Serialize;
 
 use crate::live::{clamp, ServeSpec, Spawned};
 use crate::report::{self, LatencyStats, Summary};
-use crate::sim::{self, PolicySet, SimConfig};
+use crate::sim::{self, MigrationCadence, PolicySet, SimConfig};
 use crate::workload::WorkloadSpec;
 
 #[derive(clap::Args)]
@@ -72,9 +72,17 @@ pub struct Args {
     max_output: u32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Migration round period, both sides.
+    /// The migration round about every N steps per instance, both sides
+    /// (the artifact's cadence, 4, is both sides' default); 0: every
+    /// --migration-period-ms.
+    #[arg(long, default_value_t = 4)]
+    migration_every_steps: u32,
+    /// Migration round period with --migration-every-steps 0, both sides.
     #[arg(long, default_value_t = 200)]
     migration_period_ms: u64,
+    /// A parameter of the policies on both sides, NAME=VALUE (repeatable).
+    #[arg(long = "policy-param", value_name = "NAME=VALUE")]
+    policy_params: Vec<String>,
     /// The simulator's latency of one migration message (a loopback QUIC
     /// stream hop between two llumlets through the manager's endpoint).
     #[arg(long, default_value_t = 300)]
@@ -174,9 +182,14 @@ fn run_live(
             instances: args.instances,
             blocks: args.blocks,
             serve_args: format!(
-                "--migration-period-ms {} --max-migrations-per-instance 1 --policy-dir {}",
+                "--migration-every-steps {} --migration-period-ms {} --max-migrations-per-instance 1 --policy-dir {}{}",
+                args.migration_every_steps,
                 args.migration_period_ms,
-                policy_dir.display()
+                policy_dir.display(),
+                args.policy_params
+                    .iter()
+                    .map(|p| format!(" --policy-param {p}"))
+                    .collect::<String>()
             ),
         },
         policy,
@@ -250,12 +263,14 @@ pub fn run(args: &Args) -> Result<()> {
     let mut rows = Vec::new();
     for policy in &args.policies {
         // The simulator.
-        let mut config = SimConfig::new(
-            args.instances,
-            profile.clone(),
-            PolicySet::named(policy, &policy_dir),
-        );
+        let policies = PolicySet::named(policy, &policy_dir)
+            .with_params(args.policy_params.iter().map(String::as_str))?;
+        let mut config = SimConfig::new(args.instances, profile.clone(), policies);
         config.scheduler = profile.scheduler_config_for(args.blocks as usize);
+        config.migration_cadence = match args.migration_every_steps {
+            0 => MigrationCadence::Period,
+            n => MigrationCadence::Snapshots { per_instance: n },
+        };
         config.migration_period_us = args.migration_period_ms * 1000;
         config.migration_message_latency_us = args.message_latency_us;
         // The server moves one header per block: no transfer time to speak of.

@@ -147,6 +147,9 @@ impl Fleet {
             "1",
             "--blocks",
             &BLOCKS.to_string(),
+            // Rounds on the period, not the step cadence.
+            "--migration-every-steps",
+            "0",
             "--migration-period-ms",
             "100",
             // A fixed fleet: the scaling round would drain the in-process

@@ -191,10 +191,16 @@ async fn hostile_policies_installed_live_are_contained_and_serving_continues() {
             "2",
             "--policy-deadline-ms",
             &deadline,
+            // Rounds on the period, not the step cadence.
+            "--migration-every-steps",
+            "0",
             "--migration-period-ms",
             "50",
             "--scaling-period-ms",
             "50",
+            // Scaling from the start (the default waits 100 s, as the artifact).
+            "--scaling-first-check-s",
+            "0",
             // Policies are asked and their answers validated every round;
             // executing migrations is not what this test is about.
             "--no-migrate",

@@ -593,6 +593,9 @@ async fn scaling_round_adds_and_drains_instances() {
             "3",
             "--scaling-period-ms",
             "200",
+            // Scaling from the start (the default waits 100 s, as the artifact).
+            "--scaling-first-check-s",
+            "0",
             "--blocks",
             "64",
         ],
