@@ -42,6 +42,16 @@ fn sha_of(name: &str) -> String {
 }
 
 async fn swap(client: &Client, token: &str, kind: &str, policy: &str) -> serde_json::Value {
+    swap_with(client, token, kind, policy, &[]).await
+}
+
+async fn swap_with(
+    client: &Client,
+    token: &str,
+    kind: &str,
+    policy: &str,
+    params: &[&str],
+) -> serde_json::Value {
     let bytes = common::component_bytes(policy);
     client
         .admin(
@@ -49,12 +59,27 @@ async fn swap(client: &Client, token: &str, kind: &str, policy: &str) -> serde_j
             &AdminCommand::PolicySwap {
                 kind: kind.into(),
                 sha256: None,
-                params: Vec::new(),
+                params: params.iter().map(|p| p.to_string()).collect(),
             },
             &bytes,
         )
         .await
         .unwrap_or_else(|e| panic!("swapping {kind} to {policy}: {e}"))
+}
+
+/// The runtime's active version's parameters per kind.
+fn runtime_params(status: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+    status["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["kind"].as_str().unwrap().to_string(),
+                p["active"]["params"].clone(),
+            )
+        })
+        .collect()
 }
 
 /// The runtime's active sha256 per kind, from `llumen status --json`.
@@ -99,6 +124,9 @@ async fn a_killed_manager_restarts_with_its_policies_snapshots_and_journal() {
         .await
         .unwrap();
     swap(&admin, &token, "priority", "infaas").await;
+    // Scaling: llumnix configured with parameters, a version of its own.
+    let params = ["scale-up-below=5", "scale-down-above=80"];
+    swap_with(&admin, &token, "scaling", "llumnix", &params).await;
     let list_before = server.cli_json(&["policy", "list", "--json"]);
     let status_before = server.cli_json(&["status", "--json"]);
     let actives_before = runtime_actives(&status_before);
@@ -106,9 +134,17 @@ async fn a_killed_manager_restarts_with_its_policies_snapshots_and_journal() {
     assert_eq!(actives_before["migration"], sha_of("queue-length"));
     assert_eq!(actives_before["priority"], sha_of("infaas"));
     assert_eq!(actives_before["scaling"], sha_of("llumnix"));
+    let params_before = runtime_params(&status_before);
+    assert_eq!(params_before["scaling"], serde_json::json!(params));
+    assert_eq!(params_before["dispatch"], serde_json::json!([]));
+    let mut registry = actives_before.clone();
+    registry.insert(
+        "scaling".into(),
+        format!("{}?scale-up-below=5&scale-down-above=80", sha_of("llumnix")),
+    );
     assert_eq!(
         list_before["active"],
-        serde_json::to_value(&actives_before).unwrap()
+        serde_json::to_value(&registry).unwrap()
     );
 
     // Requests that finish long before the crash.
@@ -296,6 +332,7 @@ async fn a_killed_manager_restarts_with_its_policies_snapshots_and_journal() {
     assert_eq!(list_after["history"], list_before["history"]);
     assert_eq!(list_after["policies"], list_before["policies"]);
     assert_eq!(runtime_actives(&status), actives_before, "{status}");
+    assert_eq!(runtime_params(&status), params_before, "{status}");
     for kind in ["dispatch", "migration", "priority", "scaling"] {
         let p = status["policies"]
             .as_array()

@@ -324,6 +324,8 @@ pub struct VersionInfo {
     pub name: Arc<str>,
     pub version: String,
     pub sha256: PolicySha,
+    /// The parameters it is configured with, `name=value` each.
+    pub params: Vec<String>,
 }
 
 impl From<&CompiledPolicy> for VersionInfo {
@@ -332,6 +334,7 @@ impl From<&CompiledPolicy> for VersionInfo {
             name: p.name.clone(),
             version: p.version.clone(),
             sha256: p.sha256.clone(),
+            params: p.params.iter().map(ToString::to_string).collect(),
         }
     }
 }
