@@ -67,8 +67,12 @@ async fn swap_with(
         .unwrap_or_else(|e| panic!("swapping {kind} to {policy}: {e}"))
 }
 
-/// The runtime's active version's parameters per kind.
-fn runtime_params(status: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+/// One field of the runtime's active version per kind, from `llumen status
+/// --json`.
+fn runtime_active_field(
+    status: &serde_json::Value,
+    field: &str,
+) -> BTreeMap<String, serde_json::Value> {
     status["policies"]
         .as_array()
         .unwrap()
@@ -76,24 +80,22 @@ fn runtime_params(status: &serde_json::Value) -> BTreeMap<String, serde_json::Va
         .map(|p| {
             (
                 p["kind"].as_str().unwrap().to_string(),
-                p["active"]["params"].clone(),
+                p["active"][field].clone(),
             )
         })
         .collect()
 }
 
-/// The runtime's active sha256 per kind, from `llumen status --json`.
+/// The runtime's active version's parameters per kind.
+fn runtime_params(status: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+    runtime_active_field(status, "params")
+}
+
+/// The runtime's active sha256 per kind.
 fn runtime_actives(status: &serde_json::Value) -> BTreeMap<String, String> {
-    status["policies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["kind"].as_str().unwrap().to_string(),
-                p["active"]["sha256"].as_str().unwrap_or("").to_string(),
-            )
-        })
+    runtime_active_field(status, "sha256")
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().unwrap_or("").to_string()))
         .collect()
 }
 
