@@ -926,6 +926,7 @@ mod tests {
                     name: "llumnix".into(),
                     version: "0.1.0".into(),
                     sha256: sha,
+                    params: Vec::new(),
                 }),
                 previous: vec![],
                 builtin: "llumnix".into(),
