@@ -556,42 +556,11 @@ impl LatencyProfile {
     /// [`to_json_pretty`](Self::to_json_pretty).
     pub fn derived_llama7b_a10() -> LatencyProfile {
         let r = RooflineModel::LLAMA7B_A10;
-        let prefill_tokens: [u64; 18] = [
-            1, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 10240,
-            12000, 12800,
-        ];
-        let contexts: [u64; 11] = [
-            64, 128, 256, 512, 1024, 2048, 4096, 6144, 8192, 10240, 12672,
-        ];
-        let prefill = PrefillTable {
-            points: prefill_tokens
-                .iter()
-                .map(|&t| PrefillPoint {
-                    tokens: t,
-                    ms: round_ms(r.prefill_ms(t as f64)),
-                })
-                .collect(),
-            fit: None,
-        };
-        let decode = DecodeTable {
-            batch_multiple: 8,
-            rows: (1..=7u64)
-                .map(|i| {
-                    let batch = 8 * i;
-                    DecodeRow {
-                        batch,
-                        points: contexts
-                            .iter()
-                            .map(|&c| DecodePoint {
-                                context_tokens: c,
-                                ms: round_ms(r.decode_ms(batch as f64, c as f64)),
-                            })
-                            .collect(),
-                    }
-                })
-                .collect(),
-            fit: None,
-        };
+        let (prefill, decode) = shipped_tables(
+            &[8, 16, 24, 32, 40, 48, 56],
+            |tokens| r.prefill_ms(tokens as f64),
+            |batch, context| r.decode_ms(batch as f64, context as f64),
+        );
         let data = ProfileData {
             format: PROFILE_FORMAT.to_string(),
             version: PROFILE_VERSION,
@@ -711,6 +680,52 @@ impl RooflineModel {
         self.memory_ms(self.weight_bytes + self.kv_bytes_per_token as f64 * context)
             + self.compute_ms(batch)
     }
+}
+
+/// The tables of a shipped, generated profile: prefill at the Llumnix
+/// artifact's token counts and decode at `batches` × its context lengths,
+/// each time from the model's `prefill_ms(tokens)` / `decode_ms(batch,
+/// context)`, rounded, no fit (computed at load).
+pub(crate) fn shipped_tables(
+    batches: &[u64],
+    prefill_ms: impl Fn(u64) -> f64,
+    decode_ms: impl Fn(u64, u64) -> f64,
+) -> (PrefillTable, DecodeTable) {
+    const PREFILL_TOKENS: [u64; 18] = [
+        1, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 10240, 12000,
+        12800,
+    ];
+    const CONTEXTS: [u64; 11] = [
+        64, 128, 256, 512, 1024, 2048, 4096, 6144, 8192, 10240, 12672,
+    ];
+    let prefill = PrefillTable {
+        points: PREFILL_TOKENS
+            .iter()
+            .map(|&tokens| PrefillPoint {
+                tokens,
+                ms: round_ms(prefill_ms(tokens)),
+            })
+            .collect(),
+        fit: None,
+    };
+    let decode = DecodeTable {
+        batch_multiple: 8,
+        rows: batches
+            .iter()
+            .map(|&batch| DecodeRow {
+                batch,
+                points: CONTEXTS
+                    .iter()
+                    .map(|&context_tokens| DecodePoint {
+                        context_tokens,
+                        ms: round_ms(decode_ms(batch, context_tokens)),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        fit: None,
+    };
+    (prefill, decode)
 }
 
 fn round_ms(ms: f64) -> f64 {

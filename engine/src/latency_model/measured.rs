@@ -47,9 +47,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    round_ms, DecodePoint, DecodeRow, DecodeTable, LatencyProfile, PrefillPoint, PrefillTable,
-    ProfileData, ProfileError, ProfileKind, Provenance, RooflineModel, PROFILE_FORMAT,
-    PROFILE_VERSION,
+    shipped_tables, LatencyProfile, ProfileData, ProfileError, ProfileKind, Provenance,
+    RooflineModel, PROFILE_FORMAT, PROFILE_VERSION,
 };
 
 /// vidur's A40 Llama-2-7B operator table (TP1 rows, median columns), as
@@ -402,41 +401,11 @@ impl LatencyProfile {
                 message,
             })?;
         let derived = RooflineModel::LLAMA7B_A10;
-        let prefill_tokens: [u64; 18] = [
-            1, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 10240,
-            12000, 12800,
-        ];
-        let contexts: [u64; 11] = [
-            64, 128, 256, 512, 1024, 2048, 4096, 6144, 8192, 10240, 12672,
-        ];
-        let batches: [u64; 12] = [8, 16, 24, 32, 40, 48, 56, 64, 96, 128, 192, 256];
-        let prefill = PrefillTable {
-            points: prefill_tokens
-                .iter()
-                .map(|&t| PrefillPoint {
-                    tokens: t,
-                    ms: round_ms(model.prefill_ms(t as usize)),
-                })
-                .collect(),
-            fit: None,
-        };
-        let decode = DecodeTable {
-            batch_multiple: 8,
-            rows: batches
-                .iter()
-                .map(|&batch| DecodeRow {
-                    batch,
-                    points: contexts
-                        .iter()
-                        .map(|&c| DecodePoint {
-                            context_tokens: c,
-                            ms: round_ms(model.decode_ms(batch as usize, c as usize)),
-                        })
-                        .collect(),
-                })
-                .collect(),
-            fit: None,
-        };
+        let (prefill, decode) = shipped_tables(
+            &[8, 16, 24, 32, 40, 48, 56, 64, 96, 128, 192, 256],
+            |tokens| model.prefill_ms(tokens as usize),
+            |batch, context| model.decode_ms(batch as usize, context as usize),
+        );
         let a = model.attention;
         let last = model.operators.max_tokens();
         let data = ProfileData {
