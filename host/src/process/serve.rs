@@ -349,3 +349,29 @@ pub async fn run_serve(
     tokio::task::spawn_blocking(move || m.shutdown()).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_file_sets_policy_parameters_and_the_cadence() {
+        let c: ServeConfig = toml::from_str(
+            r#"
+            default_policy = "llumnix"
+            policy_params = ["migrate-out-below=10", "select=sjf"]
+            migration_every_steps = 2
+            scaling_first_check_s = 0
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.policy_params, ["migrate-out-below=10", "select=sjf"]);
+        assert_eq!((c.migration_every_steps, c.scaling_first_check_s), (2, 0));
+        // Defaults: the artifact's cadence and first scaling check.
+        let d = ServeConfig::default();
+        assert_eq!((d.migration_every_steps, d.scaling_first_check_s), (4, 100));
+        assert!(d.policy_params.is_empty());
+        // A misspelt setting is an error, not a default.
+        assert!(toml::from_str::<ServeConfig>("policy_param = [\"a=1\"]").is_err());
+    }
+}
