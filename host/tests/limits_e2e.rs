@@ -57,3 +57,30 @@ async fn a_slow_loris_stream_times_out_and_the_connection_carries_on() {
     assert_eq!(done.finish.completion_tokens, 4);
     server.stop();
 }
+
+/// A parameter the default policy does not take stops `llumen serve` before
+/// it listens, with the parameter named: it must not serve under rules its
+/// operator did not ask for.
+#[test]
+fn serve_refuses_a_policy_parameter_the_policy_does_not_take() {
+    let dir = tempfile::tempdir().unwrap();
+    for (param, expected) in [
+        ("select=fifo", "\"select\""),
+        ("no-such-knob=1", "unknown parameter"),
+        ("select", "NAME=VALUE"),
+    ] {
+        let out = std::process::Command::new(common::llumen())
+            .args(["serve", "--instances", "1", "--model", "tiny"])
+            .args(["--listen", "127.0.0.1:0", "--http", ""])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--policy-dir")
+            .arg(common::policy_dir())
+            .args(["--policy-param", param])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{param}: served anyway");
+        assert!(stderr.contains(expected), "{param}: {stderr}");
+    }
+}
