@@ -1695,29 +1695,44 @@ mod tests {
         assert_eq!(p.block_transfer_time_us(1), Some(560));
     }
 
-    #[test]
-    fn shipped_profile_equals_generator() {
-        let generated = LatencyProfile::derived_llama7b_a10().to_json_pretty();
+    /// A shipped profile file is its generator's output (rewritten with
+    /// `LLUMEN_REGENERATE_PROFILES=1`), and loads to the same profile.
+    pub(crate) fn assert_shipped_is_generated(
+        file: &str,
+        shipped_json: &str,
+        generated: &LatencyProfile,
+        shipped: &LatencyProfile,
+    ) {
+        let text = generated.to_json_pretty();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("profiles")
+            .join(file);
         if std::env::var_os("LLUMEN_REGENERATE_PROFILES").is_some() {
-            let path =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/llama-7b-a10-derived.json");
-            std::fs::write(&path, &generated).unwrap();
+            std::fs::write(&path, &text).unwrap();
             return;
         }
         assert_eq!(
-            LLAMA7B_A10_DERIVED_JSON, generated,
-            "profiles/llama-7b-a10-derived.json is stale: run \
+            shipped_json, text,
+            "profiles/{file} is stale: run \
              `LLUMEN_REGENERATE_PROFILES=1 cargo test -p llumen-engine shipped_profile` to rewrite it"
         );
-        let shipped = LatencyProfile::shipped_llama7b_a10_derived();
-        assert_eq!(shipped.data(), LatencyProfile::derived_llama7b_a10().data());
-        let from_file = LatencyProfile::from_path(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/llama-7b-a10-derived.json"),
-        )
-        .unwrap();
-        assert_eq!(
-            from_file.step_time_us(0, 1, 100),
-            shipped.step_time_us(0, 1, 100)
+        assert_eq!(shipped.data(), generated.data());
+        let from_file = LatencyProfile::from_path(&path).unwrap();
+        for (prefill, batch, context) in [(0, 1, 100), (512, 8, 4096)] {
+            assert_eq!(
+                from_file.step_time_us(prefill, batch, context),
+                shipped.step_time_us(prefill, batch, context)
+            );
+        }
+    }
+
+    #[test]
+    fn shipped_profile_equals_generator() {
+        assert_shipped_is_generated(
+            "llama-7b-a10-derived.json",
+            LLAMA7B_A10_DERIVED_JSON,
+            &LatencyProfile::derived_llama7b_a10(),
+            &LatencyProfile::shipped_llama7b_a10_derived(),
         );
     }
 

@@ -498,7 +498,6 @@ impl LatencyProfile {
 mod tests {
     use super::super::LLAMA7B_A10_MEASURED_JSON;
     use super::*;
-    use std::path::Path;
 
     fn model() -> MeasuredStepModel {
         MeasuredStepModel::llama2_7b_a40(VIDUR_A40_LLAMA2_7B_MLP_CSV).unwrap()
@@ -706,27 +705,11 @@ mod tests {
 
     #[test]
     fn shipped_profile_measured_equals_generator() {
-        let generated = LatencyProfile::measured_llama7b_a10().to_json_pretty();
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/llama-7b-a10-measured.json");
-        if std::env::var_os("LLUMEN_REGENERATE_PROFILES").is_some() {
-            std::fs::write(&path, &generated).unwrap();
-            return;
-        }
-        assert_eq!(
-            LLAMA7B_A10_MEASURED_JSON, generated,
-            "profiles/llama-7b-a10-measured.json is stale: run \
-             `LLUMEN_REGENERATE_PROFILES=1 cargo test -p llumen-engine shipped_profile` to rewrite it"
-        );
-        let shipped = LatencyProfile::shipped_llama7b_a10_measured();
-        assert_eq!(
-            shipped.data(),
-            LatencyProfile::measured_llama7b_a10().data()
-        );
-        let from_file = LatencyProfile::from_path(&path).unwrap();
-        assert_eq!(
-            from_file.step_time_us(512, 8, 4096),
-            shipped.step_time_us(512, 8, 4096)
+        crate::latency_model::tests::assert_shipped_is_generated(
+            "llama-7b-a10-measured.json",
+            LLAMA7B_A10_MEASURED_JSON,
+            &LatencyProfile::measured_llama7b_a10(),
+            &LatencyProfile::shipped_llama7b_a10_measured(),
         );
     }
 }
