@@ -80,7 +80,7 @@ smoke migration migration --models tiny --lengths 256,512 --repeats 1 --others 1
     --transfer-mib 8 --message-mib 1
 smoke live live --instances 2 --requests 40 --repeats 1 --warmup 2 \
     --workload 'poisson:rate=20;prompt=exp:32;output=exp:32' --out @OUT@
-smoke compare compare --requests 200 --instances 4 --workload 'poisson;lengths=fixed:128:128@20:40' --out @OUT@
+smoke compare compare --quick --profiles derived --requests 100 --calibration-requests 100 --out @OUT@
 smoke sim sim --instances 2 --requests 200 --policy llumnix,infaas,round-robin \
     --workload 'poisson;zipf:256:256;rate=25' --out @OUT@
 smoke fidelity fidelity --requests 40 --workload 'poisson:rate=20;prompt=zipf:128;output=zipf:64' \

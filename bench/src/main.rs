@@ -14,6 +14,7 @@
 //! snake_case fields carrying their unit (`p50_ns`); human output goes to
 //! stderr.
 
+mod calibrate;
 mod compare;
 mod dispatch;
 mod engine_bench;
@@ -24,9 +25,11 @@ mod policy_overhead;
 mod quic_overhead;
 mod record;
 mod report;
+mod results_md;
 mod rng;
 mod sim;
 mod stats;
+mod study;
 mod workload;
 
 use anyhow::Result;
@@ -53,7 +56,7 @@ enum Command {
     Migration(migration_bench::Args),
     /// A workload against a running (or spawned) llumen server over QUIC or HTTP, measured from the client's side.
     Live(live::Args),
-    /// The Llumnix study in simulation: rates x policies x workloads (serving, priority, auto-scaling), tables, plots and claim files.
+    /// The whole Llumnix study in simulation (Figs 11, 13, 14, 15 and an ablation) on both latency profiles, at the paper's rates and at rates rescaled to each profile's capacity; tables, plots, claim files and RESULTS.md.
     Compare(compare::Args),
     /// Discrete-event cluster simulation: real engines (latency model) and real Wasm policies in virtual time.
     Sim(sim::Args),

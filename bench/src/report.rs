@@ -348,10 +348,16 @@ fn policy_order(p: &str) -> usize {
 /// The terminal table (the bench prints it to stderr).
 pub fn table(results: &[RunResult]) -> String {
     let mut out = String::new();
+    let pw = results
+        .iter()
+        .map(|r| r.policy.len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
     let timing = results.iter().any(|r| r.timing.is_some());
     let _ = write!(
         out,
-        "{:<14} {:<24} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>6}",
+        "{:<pw$} {:<24} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>6}",
         "policy",
         "workload",
         "rate",
@@ -373,7 +379,7 @@ pub fn table(results: &[RunResult]) -> String {
     out.push('\n');
     let _ = writeln!(
         out,
-        "{:<14} {:<24} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>6}",
+        "{:<pw$} {:<24} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>6}",
         "", "", "req/s", "ms", "ms", "ms", "ms", "ms", "ms", "ms/req", "", "", "avg", ""
     );
     for r in results {
@@ -381,7 +387,7 @@ pub fn table(results: &[RunResult]) -> String {
         let a = &s.all;
         let _ = write!(
             out,
-            "{:<14} {:<24} {:>7.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.1} {:>6} {:>6.2} {:>7.2} {:>6}",
+            "{:<pw$} {:<24} {:>7.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.1} {:>6} {:>6.2} {:>7.2} {:>6}",
             r.policy,
             r.workload,
             r.rate,
@@ -413,7 +419,7 @@ pub fn table(results: &[RunResult]) -> String {
         out.push('\n');
         let _ = writeln!(
             out,
-            "{:<14} {:<24} {:>7} {:<7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+            "{:<pw$} {:<24} {:>7} {:<7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
             "policy",
             "workload",
             "rate",
@@ -430,7 +436,7 @@ pub fn table(results: &[RunResult]) -> String {
             for (class, m) in [("high", &r.summary.high), ("normal", &r.summary.normal)] {
                 let _ = writeln!(
                     out,
-                    "{:<14} {:<24} {:>7.2} {:<7} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2}",
+                    "{:<pw$} {:<24} {:>7.2} {:<7} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2}",
                     r.policy,
                     r.workload,
                     r.rate,
@@ -701,6 +707,8 @@ struct Panel {
     /// Room above the data for the legend (share of the axis).
     headroom: f64,
     legend: SeriesLabelPosition,
+    /// Light mesh lines between the labelled ones (on linear axes).
+    light_lines: usize,
 }
 
 struct Figure {
@@ -817,7 +825,11 @@ where
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 14))
         .light_line_style(RGBColor(238, 238, 238))
-        .max_light_lines(if panel.log_x || panel.log_y { 0 } else { 2 })
+        .max_light_lines(if panel.log_x || panel.log_y {
+            0
+        } else {
+            panel.light_lines
+        })
         .x_labels(8)
         .y_labels(8)
         .draw()
@@ -1080,6 +1092,7 @@ pub fn write_plots(dir: &Path, results: &[RunResult]) -> io::Result<Vec<PathBuf>
                 y_range: None,
                 headroom: 0.3,
                 legend: SeriesLabelPosition::UpperLeft,
+                light_lines: 2,
             }
         };
         let fig = Figure {
@@ -1133,6 +1146,7 @@ pub fn write_plots(dir: &Path, results: &[RunResult]) -> io::Result<Vec<PathBuf>
                         y_range: Some((0.0, 1.02)),
                         headroom: 0.0,
                         legend: SeriesLabelPosition::LowerRight,
+                        light_lines: 2,
                     }],
                     cols: 1,
                     size: (900, 600),
@@ -1175,6 +1189,7 @@ pub fn write_plots(dir: &Path, results: &[RunResult]) -> io::Result<Vec<PathBuf>
                         y_range: Some((0.0, f64::from(top) * 1.3 + 1.0)),
                         headroom: 0.0,
                         legend: SeriesLabelPosition::UpperLeft,
+                        light_lines: 2,
                     }],
                     cols: 1,
                     size: (900, 600),
@@ -1185,6 +1200,80 @@ pub fn write_plots(dir: &Path, results: &[RunResult]) -> io::Result<Vec<PathBuf>
         }
     }
     Ok(written)
+}
+
+/// One line of a summary plot: a policy's values (its name picks the
+/// colour, as in the other plots).
+pub struct PlotLine {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One panel of a summary plot.
+pub struct PlotPanel {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub lines: Vec<PlotLine>,
+}
+
+/// Draws `panels` in a grid of `cols` columns into one SVG at `path` (for
+/// pages that link plots, e.g. the study's RESULTS.md). A panel's y axis
+/// is logarithmic where its values span 20× or more.
+pub fn write_panels_svg(
+    path: &Path,
+    title: &str,
+    cols: usize,
+    panels: &[PlotPanel],
+) -> io::Result<()> {
+    register_fonts();
+    let cols = cols.max(1);
+    let rows = panels.len().div_ceil(cols).max(1);
+    let panels: Vec<Panel> = panels
+        .iter()
+        .map(|p| {
+            let series: Vec<Series> = p
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Series {
+                    name: l.name.clone(),
+                    color: policy_color(&l.name, i),
+                    points: l.points.clone(),
+                    markers: true,
+                })
+                .collect();
+            let log_y = wide(
+                series.iter().flat_map(|s| s.points.iter().map(|p| p.1)),
+                20.0,
+            );
+            Panel {
+                title: p.title.clone(),
+                x_label: p.x_label.clone(),
+                y_label: if log_y {
+                    format!("{} (log)", p.y_label)
+                } else {
+                    p.y_label.clone()
+                },
+                series,
+                log_x: false,
+                log_y,
+                y_range: None,
+                headroom: 0.35,
+                legend: SeriesLabelPosition::UpperLeft,
+                // Small files for a docs page.
+                light_lines: 0,
+            }
+        })
+        .collect();
+    let fig = Figure {
+        title: title.to_string(),
+        panels,
+        cols,
+        size: (cols as u32 * 420, rows as u32 * 300 + 40),
+    };
+    draw_figure(SVGBackend::new(path, fig.size).into_drawing_area(), &fig)
+        .map_err(|e| io::Error::other(format!("plot {}: {e}", path.display())))
 }
 
 // ---------------------------------------------------------------- claims
