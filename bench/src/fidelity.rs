@@ -83,6 +83,10 @@ pub struct Args {
     /// A parameter of the policies on both sides, NAME=VALUE (repeatable).
     #[arg(long = "policy-param", value_name = "NAME=VALUE")]
     policy_params: Vec<String>,
+    /// Only the simulator's side (seconds, not minutes): to choose a load
+    /// before the live runs. Prints each policy's simulated figures.
+    #[arg(long)]
+    sim_only: bool,
     /// The simulator's latency of one migration message (a loopback QUIC
     /// stream hop between two llumlets through the manager's endpoint).
     #[arg(long, default_value_t = 300)]
@@ -214,6 +218,8 @@ struct Report {
     blocks: u32,
     seed: u64,
     migration_period_ms: u64,
+    /// The cadence (0: the period).
+    migration_every_steps: u32,
     message_latency_us: u64,
     policies: Vec<PolicyFidelity>,
 }
@@ -282,6 +288,21 @@ pub fn run(args: &Args) -> Result<()> {
         );
         let sim_out = sim::simulate(&config, &workload)?;
         let sim_summary = report::summarize(&sim_out.records, &sim_out.fleet);
+        if args.sim_only {
+            let all = &sim_summary.all;
+            println!(
+                "{policy}: simulated prefill mean {:.1} ms, p99 {:.1} ms; request mean {:.1} ms, p99 {:.1} ms; {} migrations committed",
+                all.prefill_latency.mean_ms,
+                all.prefill_latency.p99_ms,
+                all.request_latency.mean_ms,
+                all.request_latency.p99_ms,
+                sim_summary.migrations_committed
+            );
+            let path = args.out.join(format!("{policy}-sim.json"));
+            std::fs::write(&path, serde_json::to_string(&sim_out.records)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            continue;
+        }
 
         // The live server.
         let live_started = std::time::Instant::now();
@@ -345,6 +366,9 @@ pub fn run(args: &Args) -> Result<()> {
             live_repeat_error: live_repeat,
         });
     }
+    if args.sim_only {
+        return Ok(());
+    }
     let report = Report {
         profile: profile.label(),
         workload: spec.name(),
@@ -354,6 +378,7 @@ pub fn run(args: &Args) -> Result<()> {
         blocks: args.blocks,
         seed: args.seed,
         migration_period_ms: args.migration_period_ms,
+        migration_every_steps: args.migration_every_steps,
         message_latency_us: args.message_latency_us,
         policies: rows,
     };
@@ -369,9 +394,13 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn print_table(r: &Report) {
+    let cadence = match r.migration_every_steps {
+        0 => format!("every {} ms", r.migration_period_ms),
+        n => format!("about every {n} steps per instance"),
+    };
     eprintln!(
-        "fidelity: {} requests of {} on {} instances x {} blocks ({}), migration every {} ms",
-        r.requests, r.workload, r.instances, r.blocks, r.profile, r.migration_period_ms
+        "fidelity: {} requests of {} on {} instances x {} blocks ({}), migration round {cadence}",
+        r.requests, r.workload, r.instances, r.blocks, r.profile
     );
     eprintln!(
         "{:<12} {:<22} {:>12} {:>12} {:>9}",

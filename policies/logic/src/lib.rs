@@ -25,8 +25,8 @@ pub use fleet::Fleet;
 pub use freeness::Freeness;
 pub use params::{Param, ParamError, ParamSpec};
 pub use policies::{
-    by_name, configured, Deficit, DrainPick, Infaas, Llumnix, LlumnixParams, MigrationLoad,
-    PriorityReserve, QueueLength, RoundRobin, Selection, POLICY_NAMES,
+    by_name, configured, Deficit, DrainPick, FitCheck, Infaas, Llumnix, LlumnixParams,
+    MigrationLoad, PriorityReserve, QueueLength, RoundRobin, Selection, POLICY_NAMES,
 };
 pub use types::*;
 

@@ -4,7 +4,7 @@
 //! `osdi24ae`) by default; each point where the paper or an earlier llumen
 //! differs is a parameter value ([`LlumnixParams`]). One deliberate
 //! departure stays on by default and can be switched off: the fit check in
-//! the migration pick (`fit-check`). The monotone deficit past saturation
+//! the migration pick (`fit-check = balanced`). The monotone deficit past saturation
 //! ([`Deficit::Monotone`]) is a parameter value, off by default.
 //! docs/ARCHITECTURE.md lists both with their measurements.
 
@@ -104,6 +104,21 @@ pub enum Deficit {
     Divide,
 }
 
+/// Which requests the migration pick may move to a destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FitCheck {
+    /// `off`: any (the artifact: the destination refuses what does not fit).
+    Off,
+    /// `on` / `room`: one the destination has room for (its free blocks
+    /// above the watermark, one block of growth to spare).
+    Room,
+    /// `balanced`: one that leaves the destination's migration freeness not
+    /// below `migrate-out-below` once it runs there, so a move never makes
+    /// its destination a source (or too full for the arrivals it is about to
+    /// be sent).
+    Balanced,
+}
+
 /// Which instance a scale-down drains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DrainPick {
@@ -134,7 +149,7 @@ pub struct LlumnixParams {
     pub deficit: Deficit,
     /// Pick only a request the destination has room for (llumen's
     /// departure; the artifact tries any and the destination refuses).
-    pub fit_check: bool,
+    pub fit_check: FitCheck,
     pub drain_pick: DrainPick,
 }
 
@@ -150,7 +165,7 @@ impl Default for LlumnixParams {
             migration_load: MigrationLoad::AllWaiting,
             select: Selection::Lcfs,
             deficit: Deficit::Divide,
-            fit_check: true,
+            fit_check: FitCheck::Balanced,
             drain_pick: DrainPick::HighestId,
         }
     }
@@ -197,7 +212,12 @@ const DRAIN_PICKS: [(&str, DrainPick); 2] = [
     ("highest-id", DrainPick::HighestId),
     ("emptiest", DrainPick::Emptiest),
 ];
-const SWITCH: [(&str, bool); 2] = [("on", true), ("off", false)];
+const FIT_CHECKS: [(&str, FitCheck); 4] = [
+    ("on", FitCheck::Room),
+    ("room", FitCheck::Room),
+    ("balanced", FitCheck::Balanced),
+    ("off", FitCheck::Off),
+];
 
 fn text_of<T: PartialEq + Copy>(choices: &[(&'static str, T)], v: T) -> &'static str {
     choices
@@ -220,7 +240,7 @@ impl LlumnixParams {
             ParamSpec::new("migration-load", text_of(&MIGRATION_LOADS, self.migration_load), "what the migration load subtracts for the waiting queue: all-waiting (the artifact's de-fragmentation), head-of-line (the paper's) or none"),
             ParamSpec::new("select", text_of(&SELECTIONS, self.select), "the request a migration moves: lcfs (last-arrived normal request with output), sjf (shortest with output), ljf (longest with output)"),
             ParamSpec::new("deficit", text_of(&DEFICITS, self.deficit), "free blocks per request past saturation: monotone (deficit times requests; llumen) or divide (the artifact)"),
-            ParamSpec::new("fit-check", text_of(&SWITCH, self.fit_check), "on: move only a request the destination has room for (llumen); off: any (the artifact)"),
+            ParamSpec::new("fit-check", text_of(&FIT_CHECKS, self.fit_check), "on (or room): move only a request the destination has room for (llumen); balanced: only one that leaves the destination above the migration threshold (not a source itself); off: any (the artifact)"),
             ParamSpec::new("drain-pick", text_of(&DRAIN_PICKS, self.drain_pick), "the instance a scale-down drains: highest-id (the artifact) or emptiest"),
         ]
     }
@@ -241,7 +261,7 @@ impl LlumnixParams {
                 "migration-load" => next.migration_load = parse_choice(p, &MIGRATION_LOADS)?,
                 "select" => next.select = parse_choice(p, &SELECTIONS)?,
                 "deficit" => next.deficit = parse_choice(p, &DEFICITS)?,
-                "fit-check" => next.fit_check = parse_choice(p, &SWITCH)?,
+                "fit-check" => next.fit_check = parse_choice(p, &FIT_CHECKS)?,
                 "drain-pick" => next.drain_pick = parse_choice(p, &DRAIN_PICKS)?,
                 other => return Err(ParamError::unknown(other, &self.specs())),
             }
@@ -441,10 +461,10 @@ impl Policy for Llumnix {
 
     /// One request that has produced output, by the selection rule: LCFS
     /// takes the last-arrived normal-priority one, SJF / LJF the shortest /
-    /// longest (prompt + output so far) of any priority. With `fit-check`,
-    /// only a request the destination has room for (its free blocks above
-    /// the watermark, one block of growth to spare): a move the destination
-    /// must refuse costs a round trip and blocks the pair for the period.
+    /// longest (prompt + output so far) of any priority; among those the
+    /// destination accepts by `fit-check` ([`FitCheck`]): a move the
+    /// destination must refuse costs a round trip and blocks the pair for
+    /// the period.
     fn choose_migrations(
         &mut self,
         fleet: &Fleet,
@@ -452,15 +472,25 @@ impl Policy for Llumnix {
         candidates: &[MigrationCandidate],
     ) -> Vec<RequestId> {
         let p = self.params;
-        let room = match fleet.get(pair.destination) {
-            Some(d) if p.fit_check => d.available_blocks(),
-            _ => i64::MAX,
+        let destination = fleet.get(pair.destination);
+        let fits = |c: &MigrationCandidate| match (p.fit_check, destination) {
+            (FitCheck::Off, _) | (_, None) => true,
+            (FitCheck::Room, Some(d)) => i64::from(c.blocks) < d.available_blocks(),
+            (FitCheck::Balanced, Some(d)) => {
+                let after = InstanceLoad {
+                    used_blocks: d.used_blocks.saturating_add(c.blocks),
+                    running: d.running.saturating_add(1),
+                    ..*d
+                };
+                i64::from(c.blocks) < d.available_blocks()
+                    && !p.migration_freeness(&after).below(p.migrate_out_below)
+            }
         };
         let eligible = candidates
             .iter()
             .filter(|c| c.output_tokens > 0)
             .filter(|c| p.select != Selection::Lcfs || c.priority == 0)
-            .filter(|c| i64::from(c.blocks) < room);
+            .filter(|c| fits(c));
         let length =
             |c: &&MigrationCandidate| u64::from(c.prompt_tokens) + u64::from(c.output_tokens);
         let picked = match p.select {
@@ -892,6 +922,16 @@ mod tests {
         assert!(Llumnix::default()
             .choose_migrations(&f, pair, &cands)
             .is_empty());
+        // Balanced (the default): not a move that would make the destination
+        // a source. 20 blocks free over 5 running: 10 more blocks leave
+        // (20 - 10) / 6 < 3 free per request; room only asks for 10 < 20.
+        let crowded = fleet(&[load(1, 79, 5, 0)]);
+        let small = [sized(1, 10, 10)];
+        assert!(Llumnix::default()
+            .choose_migrations(&crowded, pair, &small)
+            .is_empty());
+        let mut room = with(&[("fit-check", "room")]);
+        assert_eq!(room.choose_migrations(&crowded, pair, &small), [1]);
         // Without the fit check, the last-come regardless of room.
         let mut unchecked = with(&[("fit-check", "off")]);
         assert_eq!(unchecked.choose_migrations(&f, pair, &cands), [2]);
