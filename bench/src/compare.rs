@@ -8,7 +8,10 @@
 //! worker threads ([`run_point`] is the one helper that runs a point;
 //! every point is an independent, deterministic simulation, identical
 //! points run once, results keep the study's order whatever finishes
-//! first), the progress line and wall time, the output directories
+//! first), a snapshot of the policy components the study runs
+//! (`OUT/policies/`, so that a rebuild of `--policy-dir` while the study runs
+//! cannot mix two builds; their sha256 goes on the results page), the
+//! progress line and wall time, the output directories
 //! (`OUT/PROFILE/RATE_SET/FIGURE/`), `OUT/study.json`, and `--json`.
 //! **Never touches**: the study's tables (`study.rs`), the simulator's
 //! internals, the metrics, plots and file formats (`report.rs`), the
@@ -25,7 +28,7 @@ use serde::Serialize;
 
 use crate::calibrate::{self, Capacity};
 use crate::report::{self, RunMeta, RunResult};
-use crate::results_md::{self, Migration, Page, Row};
+use crate::results_md::{self, Migration, Page, PolicyInfo, Row};
 use crate::sim::{self, PolicySet, SimConfig, SimStats};
 use crate::study::{self, Figure, Plan, Point, RateSet, ServingDef};
 
@@ -169,6 +172,43 @@ fn load_profiles(args: &Args) -> Result<Vec<Profile>> {
     Ok(out)
 }
 
+/// Copies the components named in `names` (plain names; paths and
+/// `builtin:` sources stay where they are) from `dir` into `into`, and
+/// says what each is. Every simulation then loads these bytes.
+fn snapshot_policies(dir: &Path, into: &Path, names: &[&str]) -> Result<Vec<PolicyInfo>> {
+    std::fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
+    let runtime = llumen_host::policy::PolicyRuntime::new(Default::default(), "llumnix")
+        .context("creating a policy runtime to identify the components")?;
+    let mut out = Vec::new();
+    for name in names {
+        if name.contains('/') || name.ends_with(".wasm") || name.starts_with("builtin:") {
+            continue;
+        }
+        let file = format!("{name}.wasm");
+        let from = dir.join(&file);
+        if !from.is_file() {
+            bail!(
+                "{}: no such policy component; build them with scripts/build-policies.sh \
+                 (or point --policy-dir / LLUMEN_POLICY_DIR at them)",
+                from.display()
+            );
+        }
+        let to = into.join(&file);
+        std::fs::copy(&from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        let c = runtime
+            .compile_file(&to)
+            .with_context(|| format!("compiling {}", to.display()))?;
+        out.push(PolicyInfo {
+            file,
+            name: c.name.to_string(),
+            version: c.version.clone(),
+            sha256: c.sha256.to_string(),
+        });
+    }
+    Ok(out)
+}
+
 /// The settings every point shares.
 struct Setup {
     seed: u64,
@@ -285,6 +325,7 @@ fn calibrate_all(
     profiles: &[Profile],
     workloads: &[ServingDef],
     args: &Args,
+    policy_dir: &Path,
     setup: &Setup,
     requests: usize,
     steps: u32,
@@ -318,7 +359,7 @@ fn calibrate_all(
                 paper_rate: anchor,
                 rate,
                 policy: "infaas".into(),
-                policies: PolicySet::named("infaas", &args.policy_dir),
+                policies: PolicySet::named("infaas", policy_dir),
                 instances: args.instances,
                 high_priority_fraction: 0.0,
                 withhold_priorities: false,
@@ -452,12 +493,28 @@ pub fn run(args: &Args) -> Result<()> {
             .collect::<Result<_>>()?
     };
 
+    let mut names: Vec<&str> = vec!["llumnix", "infaas"];
+    for p in &args.policies {
+        if !names.contains(&p.as_str()) {
+            names.push(p);
+        }
+    }
+    let policy_dir = args.out.join("policies");
+    let policy_info = snapshot_policies(&args.policy_dir, &policy_dir, &names)?;
+    for p in &policy_info {
+        eprintln!(
+            "compare: {} = {} {} sha256:{}",
+            p.file, p.name, p.version, p.sha256
+        );
+    }
+
     let capacities = if rate_sets.contains(&RateSet::Rescaled) {
         let need = study::calibrated_workloads(&figures, &serving)?;
         calibrate_all(
             &profiles,
             &need,
             args,
+            &policy_dir,
             &setup,
             calibration_requests,
             calibration_steps,
@@ -490,7 +547,7 @@ pub fn run(args: &Args) -> Result<()> {
         instances: args.instances,
         priority_rate: args.priority_rate,
         max_sweep,
-        policy_dir: &args.policy_dir,
+        policy_dir: &policy_dir,
     };
     let points = study::expand(&plan, &calibrated)?;
 
@@ -615,6 +672,7 @@ pub fn run(args: &Args) -> Result<()> {
     let page = Page {
         rows: &rows,
         capacities: &capacities,
+        policies: &policy_info,
         profiles: profiles
             .iter()
             .map(|p| (p.name.clone(), p.what.clone()))
@@ -633,6 +691,7 @@ pub fn run(args: &Args) -> Result<()> {
     let doc = serde_json::json!({
         "requests_per_point": requests,
         "seed": args.seed,
+        "policies": &policy_info,
         "calibration": &capacities,
         "claims": results_md::claims(&page),
         "runs": study_runs(&rows),
@@ -670,6 +729,7 @@ pub fn run(args: &Args) -> Result<()> {
                 "simulations": unique.len(),
                 "requests_per_point": requests,
                 "threads": threads,
+                "policies": &policy_info,
                 "wall_seconds": wall,
                 "simulated_seconds": simulated,
                 "calibration": &capacities,

@@ -40,10 +40,20 @@ pub struct Row<'a> {
     pub stats: &'a SimStats,
 }
 
+/// A policy component the study ran.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PolicyInfo {
+    pub file: String,
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+}
+
 /// Everything the page is made of.
 pub struct Page<'a> {
     pub rows: &'a [Row<'a>],
     pub capacities: &'a [Capacity],
+    pub policies: &'a [PolicyInfo],
     /// (name, what it is) per profile, in the study's order.
     pub profiles: Vec<(String, String)>,
     pub figures: &'a [Figure],
@@ -61,11 +71,15 @@ pub struct Page<'a> {
 /// Migrations of a run (or of several, added up).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Migration {
+    /// Sent to a source by the migration round.
+    pub ordered: u64,
+    /// Of those, not started at the source (the request was no longer
+    /// running there).
+    pub not_started: u64,
+    /// Begun at the source: committed + aborted.
     pub started: u64,
     pub committed: u64,
     pub aborted: u64,
-    /// Asked for by a round but not started at the source.
-    pub not_started: u64,
     /// Committed / started (1 when none started).
     pub commit_fraction: f64,
     pub abort_reasons: BTreeMap<String, u64>,
@@ -74,10 +88,11 @@ pub struct Migration {
 impl Migration {
     pub fn of(s: &SimStats) -> Migration {
         let mut m = Migration {
-            started: s.migrations_started,
+            ordered: s.migrations_started,
+            not_started: s.migrations_not_started,
+            started: s.migrations_committed + s.migrations_aborted,
             committed: s.migrations_committed,
             aborted: s.migrations_aborted,
-            not_started: s.migrations_not_started,
             commit_fraction: 0.0,
             abort_reasons: s.migration_abort_reasons.clone(),
         };
@@ -86,6 +101,7 @@ impl Migration {
     }
 
     fn add(&mut self, o: &Migration) {
+        self.ordered += o.ordered;
         self.started += o.started;
         self.committed += o.committed;
         self.aborted += o.aborted;
@@ -1054,6 +1070,19 @@ fn setup(o: &mut String, page: &Page, _cs: &[(String, RateSet)], _links: &Links)
     for (name, what) in &page.profiles {
         let _ = writeln!(o, "  - `{name}`: {what}");
     }
+    if !page.policies.is_empty() {
+        let list: Vec<String> = page
+            .policies
+            .iter()
+            .map(|p| {
+                format!(
+                    "`{}` ({} {}, sha256 `{}`)",
+                    p.file, p.name, p.version, p.sha256
+                )
+            })
+            .collect();
+        let _ = writeln!(o, "- Policy components: {}.", list.join(", "));
+    }
     let _ = writeln!(
         o,
         "- Policies: `llumnix` (the artifact's semantics; migration threshold T = \
@@ -1437,10 +1466,11 @@ fn migration_success(o: &mut String, page: &Page, cs: &[(String, RateSet)], _lin
     let _ = writeln!(
         o,
         "Llumnix's migrations per workload (all rates of the figure added up): how many the \
-         source started, how many committed at the destination, and why the others aborted \
+         migration rounds ordered, how many of those the source did not start (the request was \
+         no longer running there), how many it started, how many of those committed at the \
+         destination (the success rate: committed / started), and why the others aborted \
          (`refused: …` by the destination, `aborted: …` by the source; `RequestGone`: the \
-         request finished or was preempted mid-migration). \"Not started\": asked for by a \
-         round, but the request was no longer running at the source.\n"
+         request finished mid-migration, `Preempted`: the source preempted it).\n"
     );
     for (p, r) in cs {
         let mut agg: Vec<(Figure, String, Migration)> = Vec::new();
@@ -1463,21 +1493,22 @@ fn migration_success(o: &mut String, page: &Page, cs: &[(String, RateSet)], _lin
             continue;
         }
         let _ = writeln!(o, "### {}\n", combo_title(p, *r));
-        let _ = writeln!(o, "| figure | workload | started | committed | committed % | aborted | not started | abort reasons |");
-        let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(o, "| figure | workload | ordered | not started | started | committed | committed / started | aborted | abort reasons |");
+        let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---|");
         for (f, w, m) in agg {
             let mut reasons: Vec<(&String, &u64)> = m.abort_reasons.iter().collect();
             reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
             let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
             let _ = writeln!(
                 o,
-                "| {} | {w} | {} | {} | {:.1}% | {} | {} | {} |",
+                "| {} | {w} | {} | {} | {} | {} | {:.1}% | {} | {} |",
                 f.name(),
+                m.ordered,
+                m.not_started,
                 m.started,
                 m.committed,
                 m.commit_fraction * 100.0,
                 m.aborted,
-                m.not_started,
                 if reasons.is_empty() {
                     "–".into()
                 } else {
@@ -1540,7 +1571,8 @@ fn losses(o: &mut String, page: &Page, _cs: &[(String, RateSet)], _links: &Links
          - `results/FIGURE-PROFILE-RATESET.svg`: the plots above.\n\
          - Under `--out` (default `target/bench/compare/`): per profile, rate set and figure the \
          report's table, `results.json`, `results.csv`, per-workload plots and `llumnix.claim`; \
-         `study.json` with every run, the calibrations and the claims."
+         `study.json` with every run, the calibrations and the claims; `policies/`, the \
+         components the study ran (copied at its start)."
     );
 }
 
@@ -1824,6 +1856,7 @@ mod tests {
         Page {
             rows,
             capacities: &[],
+            policies: &[],
             profiles: vec![("derived".into(), "the derived profile".into())],
             figures,
             rate_sets: &[RateSet::Paper],
@@ -1901,7 +1934,7 @@ mod tests {
             "| zipf-512-512 | 3 | 2.6–3.2 | 8.00× |",
             "## Fig 14: auto-scaling",
             "## Migration success",
-            "| fig11 | zipf-512-512 | 20 | 18 | 90.0% | 2 | 0 | refused: OutOfBlocks 2 |",
+            "| fig11 | zipf-512-512 | 20 | 0 | 20 | 18 | 90.0% | 2 | refused: OutOfBlocks 2 |",
             "## Where Llumnix is worse than INFaaS++ by more than 5%",
             "**a thinned run**",
         ] {
