@@ -1058,8 +1058,8 @@ fn intro(o: &mut String, page: &Page, _cs: &[(String, RateSet)], _links: &Links)
         "Every number below comes from llumen's discrete-event simulator running the real \
          fleet core, the real engine scheduler over a latency profile, and the real Wasm \
          policies. The paper's numbers are real runs of LLaMA-7B on A10s \
-         (`/work/shared/notes/llumnix-reference.md`, \"Headline results\", and the artifact's \
-         `figure*_paper.claim`).\n"
+         (the paper's §6 and the artifact's `figure11/13/14_paper.claim`, `AlibabaPAI/llumnix` \
+         branch `osdi24ae`).\n"
     );
 }
 
