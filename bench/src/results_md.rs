@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::calibrate::{Capacity, QUEUE_ONSET_PREFILL_MS};
-use crate::report::{self, PlotLine, PlotPanel, RunResult, Summary};
+use crate::report::{self, csv_field, ClassMetrics, PlotLine, PlotPanel, RunResult, Summary};
 use crate::sim::SimStats;
 use crate::study::{self, Figure, Point, RateSet, ABLATION, FIG13, FIG14, FIG15};
 
@@ -603,6 +603,24 @@ fn combo_title(profile: &str, r: RateSet) -> String {
     format!("{profile} · {}", r.title())
 }
 
+/// A claim's outcome per (profile, rate set) column, or `None` when no
+/// column has one (the claim's figure did not run).
+fn claim_row<'a>(
+    outcomes: &'a [ClaimOutcome],
+    cs: &[(String, RateSet)],
+    claim: &Claim,
+) -> Option<Vec<Option<&'a ClaimOutcome>>> {
+    let row: Vec<Option<&ClaimOutcome>> = cs
+        .iter()
+        .map(|(p, r)| {
+            outcomes
+                .iter()
+                .find(|o| o.claim == claim.text && &o.profile == p && o.rate_set == r.name())
+        })
+        .collect();
+    (!row.iter().all(Option::is_none)).then_some(row)
+}
+
 /// The headline table as plain text (stderr).
 pub fn headline_text(page: &Page) -> String {
     let outcomes = claims(page);
@@ -614,17 +632,9 @@ pub fn headline_text(page: &Page) -> String {
     }
     out.push('\n');
     for c in CLAIMS {
-        let mine: Vec<Option<&ClaimOutcome>> = cs
-            .iter()
-            .map(|(p, r)| {
-                outcomes
-                    .iter()
-                    .find(|o| o.claim == c.text && &o.profile == p && o.rate_set == r.name())
-            })
-            .collect();
-        if mine.iter().all(Option::is_none) {
+        let Some(mine) = claim_row(&outcomes, &cs, c) else {
             continue;
-        }
+        };
         let _ = write!(out, "{:<46} {:<16}", c.text, c.paper);
         for o in mine {
             let cell = match o {
@@ -950,14 +960,6 @@ fn figure_panels(
     }
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 /// Every point of the study, one CSV row each.
 pub fn study_csv(page: &Page) -> String {
     let mut out = String::from(
@@ -1216,17 +1218,9 @@ fn headline(o: &mut String, page: &Page, cs: &[(String, RateSet)], _links: &Link
     let _ = writeln!(o);
     let (mut met, mut total) = (0, 0);
     for c in CLAIMS {
-        let mine: Vec<Option<&ClaimOutcome>> = cs
-            .iter()
-            .map(|(p, r)| {
-                outcomes
-                    .iter()
-                    .find(|x| x.claim == c.text && &x.profile == p && x.rate_set == r.name())
-            })
-            .collect();
-        if mine.iter().all(Option::is_none) {
+        let Some(mine) = claim_row(&outcomes, cs, c) else {
             continue;
-        }
+        };
         let _ = write!(o, "| {} | {} |", c.text, c.paper);
         for m in mine {
             match m {
@@ -1318,6 +1312,9 @@ fn fig13(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
             let _ = writeln!(o, "|---:|---:|---|---:|---:|---:|---:|---:|---:|");
             for (l, b) in pairs(page, p, *r, Figure::Fig13, "llumnix", "llumnix-base") {
                 let (ls, bs) = (&l.run.summary, &b.run.summary);
+                // High priority: base / Llumnix; normal: Llumnix vs base.
+                let high = |f: fn(&ClassMetrics) -> f64| ratio(f(&bs.high), f(&ls.high));
+                let normal = |f: fn(&ClassMetrics) -> f64| change(f(&ls.normal), f(&bs.normal));
                 let _ = writeln!(
                     o,
                     "| {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |",
@@ -1325,30 +1322,12 @@ fn fig13(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
                     fmt_rate(l.point.rate),
                     ms(ls.high.prefill_latency.mean_ms),
                     ms(bs.high.prefill_latency.mean_ms),
-                    ratio(
-                        bs.high.prefill_latency.mean_ms,
-                        ls.high.prefill_latency.mean_ms
-                    ),
-                    ratio(
-                        bs.high.prefill_latency.p99_ms,
-                        ls.high.prefill_latency.p99_ms
-                    ),
-                    ratio(
-                        bs.high.request_latency.mean_ms,
-                        ls.high.request_latency.mean_ms
-                    ),
-                    change(
-                        ls.normal.request_latency.mean_ms,
-                        bs.normal.request_latency.mean_ms
-                    ),
-                    change(
-                        ls.normal.prefill_latency.mean_ms,
-                        bs.normal.prefill_latency.mean_ms
-                    ),
-                    change(
-                        ls.normal.decode_latency.mean_ms,
-                        bs.normal.decode_latency.mean_ms
-                    ),
+                    high(|m| m.prefill_latency.mean_ms),
+                    high(|m| m.prefill_latency.p99_ms),
+                    high(|m| m.request_latency.mean_ms),
+                    normal(|m| m.request_latency.mean_ms),
+                    normal(|m| m.prefill_latency.mean_ms),
+                    normal(|m| m.decode_latency.mean_ms),
                 );
             }
             let _ = writeln!(o);
