@@ -1244,6 +1244,31 @@ fn headline(o: &mut String, page: &Page, cs: &[(String, RateSet)], _links: &Link
     let _ = writeln!(o, "\n{met} of {total} verdicts met.\n");
 }
 
+/// One section per (profile, rate set) that has runs of `figure`: its
+/// heading and plot, then `table` over its rows.
+fn for_each_combo<'a>(
+    o: &mut String,
+    page: &'a Page,
+    cs: &[(String, RateSet)],
+    links: &Links,
+    figure: Figure,
+    label: &str,
+    mut table: impl FnMut(&mut String, Vec<Row<'a>>, &str, RateSet),
+) {
+    for (p, r) in cs {
+        let rows = rows_of(page, p, *r, figure);
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(o, "### {}\n", combo_title(p, *r));
+        if let Some(l) = links.get(&(p.clone(), *r, figure)) {
+            let _ = writeln!(o, "![{label}, {}]({l})\n", combo_title(p, *r));
+        }
+        table(o, rows, p, *r);
+        let _ = writeln!(o);
+    }
+}
+
 /// Fig 11: per workload, the best ratios over its rates.
 fn fig11(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
     if page.figures.contains(&Figure::Fig11) {
@@ -1253,39 +1278,38 @@ fn fig11(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
             "Per workload, the best ratio over its rates (baseline / Llumnix; above 1: Llumnix \
              better) and the mean change of preemption loss. Per-rate figures: `results/study.csv`.\n"
         );
-        for (p, r) in cs {
-            let rows = rows_of(page, p, *r, Figure::Fig11);
-            if rows.is_empty() {
-                continue;
-            }
-            let _ = writeln!(o, "### {}\n", combo_title(p, *r));
-            if let Some(l) = links.get(&(p.clone(), *r, Figure::Fig11)) {
-                let _ = writeln!(o, "![Fig 11, {}]({l})\n", combo_title(p, *r));
-            }
-            let _ = writeln!(o, "| workload | T | rates (req/s) | prefill mean × | prefill P99 × | request mean × | request P99 × | decode P99 × | preemption loss | vs RR: prefill mean × | vs RR: prefill P99 × |");
-            let _ = writeln!(o, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-            for w in workloads_in(&rows) {
-                let t = rows
-                    .iter()
-                    .find(|x| x.point.workload == w && x.point.migrate_threshold.is_some())
-                    .and_then(|x| x.point.migrate_threshold)
-                    .map_or("–".into(), |t| t.to_string());
-                let _ = writeln!(
-                    o,
-                    "| {w} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    rates_text(&rows, &w),
-                    best_ratio(&rows, &w, "infaas", |s| s.all.prefill_latency.mean_ms),
-                    best_ratio(&rows, &w, "infaas", |s| s.all.prefill_latency.p99_ms),
-                    best_ratio(&rows, &w, "infaas", |s| s.all.request_latency.mean_ms),
-                    best_ratio(&rows, &w, "infaas", |s| s.all.request_latency.p99_ms),
-                    best_ratio(&rows, &w, "infaas", |s| s.all.decode_latency.p99_ms),
-                    mean_loss_change(&rows, &w, "infaas"),
-                    best_ratio(&rows, &w, "round-robin", |s| s.all.prefill_latency.mean_ms),
-                    best_ratio(&rows, &w, "round-robin", |s| s.all.prefill_latency.p99_ms),
-                );
-            }
-            let _ = writeln!(o);
-        }
+        for_each_combo(
+            o,
+            page,
+            cs,
+            links,
+            Figure::Fig11,
+            "Fig 11",
+            |o, rows, _, _| {
+                let _ = writeln!(o, "| workload | T | rates (req/s) | prefill mean × | prefill P99 × | request mean × | request P99 × | decode P99 × | preemption loss | vs RR: prefill mean × | vs RR: prefill P99 × |");
+                let _ = writeln!(o, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+                for w in workloads_in(&rows) {
+                    let t = rows
+                        .iter()
+                        .find(|x| x.point.workload == w && x.point.migrate_threshold.is_some())
+                        .and_then(|x| x.point.migrate_threshold)
+                        .map_or("–".into(), |t| t.to_string());
+                    let _ = writeln!(
+                        o,
+                        "| {w} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        rates_text(&rows, &w),
+                        best_ratio(&rows, &w, "infaas", |s| s.all.prefill_latency.mean_ms),
+                        best_ratio(&rows, &w, "infaas", |s| s.all.prefill_latency.p99_ms),
+                        best_ratio(&rows, &w, "infaas", |s| s.all.request_latency.mean_ms),
+                        best_ratio(&rows, &w, "infaas", |s| s.all.request_latency.p99_ms),
+                        best_ratio(&rows, &w, "infaas", |s| s.all.decode_latency.p99_ms),
+                        mean_loss_change(&rows, &w, "infaas"),
+                        best_ratio(&rows, &w, "round-robin", |s| s.all.prefill_latency.mean_ms),
+                        best_ratio(&rows, &w, "round-robin", |s| s.all.prefill_latency.p99_ms),
+                    );
+                }
+            },
+        );
     }
 }
 
@@ -1299,18 +1323,10 @@ fn fig13(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
              priority). High-priority ratios: base / Llumnix; normal-priority changes: Llumnix vs \
              base (positive: Llumnix slower).\n"
         );
-        for (p, r) in cs {
-            let rows = rows_of(page, p, *r, Figure::Fig13);
-            if rows.is_empty() {
-                continue;
-            }
-            let _ = writeln!(o, "### {}\n", combo_title(p, *r));
-            if let Some(l) = links.get(&(p.clone(), *r, Figure::Fig13)) {
-                let _ = writeln!(o, "![Fig 13, {}]({l})\n", combo_title(p, *r));
-            }
+        for_each_combo(o, page, cs, links, Figure::Fig13, "Fig 13", |o, _, p, r| {
             let _ = writeln!(o, "| Gamma CV | rate | high prefill mean (Llumnix / base) | × | high prefill P99 × | high request mean × | normal request mean | normal prefill mean | normal decode mean |");
             let _ = writeln!(o, "|---:|---:|---|---:|---:|---:|---:|---:|---:|");
-            for (l, b) in pairs(page, p, *r, Figure::Fig13, "llumnix", "llumnix-base") {
+            for (l, b) in pairs(page, p, r, Figure::Fig13, "llumnix", "llumnix-base") {
                 let (ls, bs) = (&l.run.summary, &b.run.summary);
                 // High priority: base / Llumnix; normal: Llumnix vs base.
                 let high = |f: fn(&ClassMetrics) -> f64| ratio(f(&bs.high), f(&ls.high));
@@ -1330,8 +1346,7 @@ fn fig13(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
                     normal(|m| m.decode_latency.mean_ms),
                 );
             }
-            let _ = writeln!(o);
-        }
+        });
     }
 }
 
@@ -1345,18 +1360,10 @@ fn fig14(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
              same freeness band. Cost = average instances (instance-seconds / run time).\n",
             FIG14.threshold
         );
-        for (p, r) in cs {
-            let rows = rows_of(page, p, *r, Figure::Fig14);
-            if rows.is_empty() {
-                continue;
-            }
-            let _ = writeln!(o, "### {}\n", combo_title(p, *r));
-            if let Some(l) = links.get(&(p.clone(), *r, Figure::Fig14)) {
-                let _ = writeln!(o, "![Fig 14, {}]({l})\n", combo_title(p, *r));
-            }
+        for_each_combo(o, page, cs, links, Figure::Fig14, "Fig 14", |o, _, p, r| {
             let _ = writeln!(o, "| arrivals | rate | prefill P99 (Llumnix / INFaaS++) | × | prefill mean × | cost Llumnix | cost INFaaS++ | cost change |");
             let _ = writeln!(o, "|---|---:|---|---:|---:|---:|---:|---:|");
-            for (l, b) in pairs(page, p, *r, Figure::Fig14, "llumnix", "infaas") {
+            for (l, b) in pairs(page, p, r, Figure::Fig14, "llumnix", "infaas") {
                 let (ls, bs) = (&l.run.summary, &b.run.summary);
                 let arrivals = match l.point.spec.arrival {
                     Some(crate::workload::Arrival::Gamma { cv }) => {
@@ -1380,8 +1387,7 @@ fn fig14(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
                     change(ls.avg_instances, bs.avg_instances),
                 );
             }
-            let _ = writeln!(o);
-        }
+        });
     }
 }
 
@@ -1396,18 +1402,10 @@ fn fig15(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
              (P99 prefill) and no more expensive is marked *dominates*.\n",
             FIG14.down_offset
         );
-        for (p, r) in cs {
-            let rows = rows_of(page, p, *r, Figure::Fig15);
-            if rows.is_empty() {
-                continue;
-            }
-            let _ = writeln!(o, "### {}\n", combo_title(p, *r));
-            if let Some(l) = links.get(&(p.clone(), *r, Figure::Fig15)) {
-                let _ = writeln!(o, "![Fig 15, {}]({l})\n", combo_title(p, *r));
-            }
+        for_each_combo(o, page, cs, links, Figure::Fig15, "Fig 15", |o, _, p, r| {
             let _ = writeln!(o, "| x | rate | Llumnix prefill P99 | Llumnix cost | INFaaS++ prefill P99 | INFaaS++ cost | P99 × | cost change | |");
             let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-            let mut prs = pairs(page, p, *r, Figure::Fig15, "llumnix", "infaas");
+            let mut prs = pairs(page, p, r, Figure::Fig15, "llumnix", "infaas");
             prs.sort_by(|a, b| a.0.point.x.total_cmp(&b.0.point.x));
             for (l, b) in prs {
                 let (ls, bs) = (&l.run.summary, &b.run.summary);
@@ -1427,8 +1425,7 @@ fn fig15(o: &mut String, page: &Page, cs: &[(String, RateSet)], links: &Links) {
                     if dominates { "dominates" } else { "" }
                 );
             }
-            let _ = writeln!(o);
-        }
+        });
     }
 }
 
