@@ -1756,6 +1756,18 @@ mod tests {
         stats: Vec<SimStats>,
     }
 
+    impl Fixture {
+        fn rows(&self) -> Vec<Row<'_>> {
+            (0..self.points.len())
+                .map(|i| Row {
+                    point: &self.points[i],
+                    run: &self.runs[i],
+                    stats: &self.stats[i],
+                })
+                .collect()
+        }
+    }
+
     fn fixture() -> Fixture {
         let mut f = Fixture {
             points: Vec::new(),
@@ -1849,13 +1861,7 @@ mod tests {
     #[test]
     fn claims_verdicts_and_regressions() {
         let f = fixture();
-        let rows: Vec<Row> = (0..f.points.len())
-            .map(|i| Row {
-                point: &f.points[i],
-                run: &f.runs[i],
-                stats: &f.stats[i],
-            })
-            .collect();
+        let rows = f.rows();
         let figures = [Figure::Fig11, Figure::Fig14];
         let page = page(&rows, &figures);
         let claims = claims(&page);
@@ -1889,13 +1895,7 @@ mod tests {
     #[test]
     fn the_page_and_its_files() {
         let f = fixture();
-        let rows: Vec<Row> = (0..f.points.len())
-            .map(|i| Row {
-                point: &f.points[i],
-                run: &f.runs[i],
-                stats: &f.stats[i],
-            })
-            .collect();
+        let rows = f.rows();
         let figures = [Figure::Fig11, Figure::Fig14];
         let page = page(&rows, &figures);
         let dir = tempfile::tempdir().unwrap();
