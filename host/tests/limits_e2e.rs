@@ -64,13 +64,17 @@ async fn a_slow_loris_stream_times_out_and_the_connection_carries_on() {
 #[test]
 fn serve_refuses_a_policy_parameter_the_policy_does_not_take() {
     let dir = tempfile::tempdir().unwrap();
-    for (param, expected) in [
-        ("select=fifo", "\"select\""),
-        ("no-such-knob=1", "unknown parameter"),
-        ("select", "NAME=VALUE"),
+    for (policy, param, expected) in [
+        ("llumnix", "select=fifo", "\"select\""),
+        ("llumnix", "no-such-knob=1", "unknown parameter"),
+        ("llumnix", "select", "NAME=VALUE"),
+        ("round-robin", "select=sjf", "takes no parameters"),
+        // Not a first-party name: the component itself refuses.
+        ("dispatch-only", "a=1", "does not export llumen:policy/params"),
     ] {
         let out = std::process::Command::new(common::llumen())
             .args(["serve", "--instances", "1", "--model", "tiny"])
+            .args(["--default-policy", policy])
             .args(["--listen", "127.0.0.1:0", "--http", ""])
             .arg("--data-dir")
             .arg(dir.path().join("data"))

@@ -324,15 +324,22 @@ impl Admin {
         params: &[String],
     ) -> Result<Vec<String>, ServeError> {
         let parsed = parse_params(params)?;
-        if let Err(e) = llumen_policy_logic::configured(default_policy, &parsed) {
-            return Err(ServeError::new(
-                ErrorCode::InvalidParameter,
-                format!("--policy-param for {default_policy}: {e}"),
-            ));
+        // A first-party default checks its parameters natively (and its
+        // builtin twin takes them); another component checks its own when
+        // it is configured below, its fallback keeping the builtin's defaults.
+        match llumen_policy_logic::configured(default_policy, &parsed) {
+            Err(e) => {
+                return Err(ServeError::new(
+                    ErrorCode::InvalidParameter,
+                    format!("--policy-param for {default_policy}: {e}"),
+                ))
+            }
+            Ok(Some(_)) => self
+                .runtime()
+                .configure_builtin(&parsed)
+                .map_err(rejected)?,
+            Ok(None) => {}
         }
-        self.runtime()
-            .configure_builtin(&parsed)
-            .map_err(rejected)?;
         let mut notes = Vec::new();
         for kind in PolicyKind::ALL {
             let active = self.store().active(kind.as_str()).ok().flatten();
@@ -366,17 +373,26 @@ impl Admin {
                 ));
                 continue;
             };
-            match std::fs::read(&file)
+            let installed = std::fs::read(&file)
                 .map_err(|e| internal(format!("reading {}: {e}", file.display())))
-                .and_then(|bytes| self.install(&bytes))
-                .and_then(|p| self.runtime().configure(&p, &parsed).map_err(rejected))
-                .and_then(|p| {
-                    if p.kinds.contains(&kind) {
-                        self.activate(kind, p.clone()).map(|_| Some(p))
-                    } else {
-                        Ok(None)
-                    }
-                }) {
+                .and_then(|bytes| self.install(&bytes));
+            // Parameters the default component refuses stop the server.
+            let installed = match installed {
+                Ok(p) => Ok(self.runtime().configure(&p, &parsed).map_err(|e| {
+                    ServeError::new(
+                        ErrorCode::InvalidParameter,
+                        format!("--policy-param for {}: {e}", file.display()),
+                    )
+                })?),
+                Err(e) => Err(e),
+            };
+            match installed.and_then(|p| {
+                if p.kinds.contains(&kind) {
+                    self.activate(kind, p.clone()).map(|_| Some(p))
+                } else {
+                    Ok(None)
+                }
+            }) {
                 Ok(Some(p)) => notes.push(format!("{kind}: {} from {}", p.label, file.display())),
                 Ok(None) => notes.push(format!(
                     "{kind}: builtin ({} has no {kind})",

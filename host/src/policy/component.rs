@@ -28,6 +28,9 @@ use super::bindings::{
 use super::history::SnapshotHistory;
 use super::{CallFailure, PolicyError, PolicyKind, RuntimeConfig};
 
+/// Most bytes of a policy's own refusal message kept in the error.
+const MAX_REFUSAL_BYTES: usize = 1024;
+
 /// Hex sha256 of a component's bytes: the identity of a policy version.
 pub type PolicySha = Arc<str>;
 
@@ -283,9 +286,18 @@ impl PolicyEngine {
         let (mut store, instance) = self.store_and_instance(policy)?;
         let wrong_world = |source| PolicyError::WrongWorld { kind, source };
         if !policy.params.is_empty() {
+            // The policy writes the message: keep it to a readable size.
             let refused = |message: String| PolicyError::Params {
                 policy: policy.name.to_string(),
-                message,
+                message: if message.len() > MAX_REFUSAL_BYTES {
+                    let cut = (0..=MAX_REFUSAL_BYTES)
+                        .rev()
+                        .find(|&i| message.is_char_boundary(i))
+                        .unwrap_or(0);
+                    format!("{}… ({} bytes)", &message[..cut], message.len())
+                } else {
+                    message
+                },
             };
             let Some(indices) = &policy.params_iface else {
                 return Err(refused(
