@@ -561,7 +561,11 @@ pub struct Regression {
     pub change: f64,
 }
 
-const REGRESSION_METRICS: [(&str, fn(&Summary) -> f64); 4] = [
+/// One figure read off a run's summary.
+type Metric = fn(&Summary) -> f64;
+
+/// The figures a regression is looked for in.
+const REGRESSION_METRICS: [(&str, Metric); 4] = [
     ("prefill mean", |s| s.all.prefill_latency.mean_ms),
     ("prefill P99", |s| s.all.prefill_latency.p99_ms),
     ("request mean", |s| s.all.request_latency.mean_ms),
