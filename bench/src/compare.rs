@@ -17,6 +17,7 @@
 //! internals, the metrics, plots and file formats (`report.rs`), the
 //! results page's content (`results_md.rs`), the workload grammar.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,7 +28,7 @@ use llumen_engine::LatencyProfile;
 use serde::Serialize;
 
 use crate::calibrate::{self, Capacity};
-use crate::report::{self, RunMeta, RunResult};
+use crate::report::{self, RunMeta, RunResult, Summary};
 use crate::results_md::{self, Migration, Page, PolicyInfo, Row};
 use crate::sim::{self, PolicySet, SimConfig, SimStats};
 use crate::study::{self, Figure, Plan, Point, RateSet, ServingDef};
@@ -93,6 +94,12 @@ pub struct Args {
     /// sweep, 3 calibration probes (explicit flags win).
     #[arg(long)]
     quick: bool,
+    /// Every point where Llumnix loses to INFaaS++ by more than 5% is run
+    /// again with this many further seeds (both policies), and the page
+    /// gives the change averaged over all of its seeds: one seed's P99 at
+    /// a light load can turn on a handful of migrations. 0: no re-runs.
+    #[arg(long, default_value_t = 2)]
+    confirm_seeds: u64,
     /// Policy components directory.
     #[arg(long, env = "LLUMEN_POLICY_DIR", default_value = "target/policies")]
     policy_dir: PathBuf,
@@ -669,7 +676,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
 
     let wall = started.elapsed().as_secs_f64();
-    let page = Page {
+    let mut page = Page {
         rows: &rows,
         capacities: &capacities,
         policies: &policy_info,
@@ -686,7 +693,41 @@ pub fn run(args: &Args) -> Result<()> {
         simulations: unique.len(),
         wall_seconds: wall,
         quick: args.quick || max_sweep.is_some(),
+        confirmed: BTreeMap::new(),
     };
+    // The losses, again over more seeds.
+    if args.confirm_seeds > 0 {
+        let losing = results_md::losing_pairs(&page);
+        let confirm_started = Instant::now();
+        let seeds: Vec<u64> = (1..=args.confirm_seeds).map(|k| args.seed + k).collect();
+        let jobs: Vec<(&Point, u64)> = losing
+            .iter()
+            .flat_map(|&(l, b)| [l, b])
+            .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
+            .collect();
+        eprintln!(
+            "compare: {} losing points, each pair again with {} more seeds ({} simulations)",
+            losing.len(),
+            seeds.len(),
+            jobs.len()
+        );
+        let again = parallel_map("confirmations", &jobs, threads, |&(p, seed)| {
+            run_point(p, profile_of(&p.profile), requests, seed)
+        });
+        let mut summaries: BTreeMap<String, Vec<Summary>> = BTreeMap::new();
+        for ((p, _), r) in jobs.iter().zip(again) {
+            summaries
+                .entry(results_md::point_key(p))
+                .or_default()
+                .push(r?.result.summary);
+        }
+        page.confirmed = summaries;
+        eprintln!(
+            "compare: confirmations in {:.1} s",
+            confirm_started.elapsed().as_secs_f64()
+        );
+        page.wall_seconds = started.elapsed().as_secs_f64();
+    }
     std::fs::create_dir_all(&args.out)?;
     let doc = serde_json::json!({
         "requests_per_point": requests,
