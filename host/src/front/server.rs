@@ -467,41 +467,24 @@ impl InstanceLink for RemoteLink {
         let conn = self.conn.clone();
         Box::pin(async move {
             let result: Result<Vec<llumen_policy_logic::MigrationCandidate>, String> = async {
-                let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                write_frame(&mut send, &Frame::Candidates)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = send.finish();
-                let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
-                match reader.next().await.map_err(|e| e.to_string())? {
-                    Some(Frame::AdminReply { json }) => {
-                        let rows: Vec<(u64, u8, u32, u32, u32, u64)> =
-                            serde_json::from_str(&json).map_err(|e| e.to_string())?;
-                        Ok(rows
-                            .into_iter()
-                            .map(
-                                |(
-                                    id,
-                                    priority,
-                                    blocks,
-                                    prompt_tokens,
-                                    output_tokens,
-                                    arrival_us,
-                                )| {
-                                    llumen_policy_logic::MigrationCandidate {
-                                        id,
-                                        priority,
-                                        blocks,
-                                        prompt_tokens,
-                                        output_tokens,
-                                        arrival_us,
-                                    }
-                                },
-                            )
-                            .collect())
-                    }
-                    other => Err(format!("unexpected answer to candidates: {other:?}")),
-                }
+                let json = ask_instance(&conn, &Frame::Candidates, "candidates").await?;
+                let rows: Vec<(u64, u8, u32, u32, u32, u64)> =
+                    serde_json::from_str(&json).map_err(|e| e.to_string())?;
+                Ok(rows
+                    .into_iter()
+                    .map(
+                        |(id, priority, blocks, prompt_tokens, output_tokens, arrival_us)| {
+                            llumen_policy_logic::MigrationCandidate {
+                                id,
+                                priority,
+                                blocks,
+                                prompt_tokens,
+                                output_tokens,
+                                arrival_us,
+                            }
+                        },
+                    )
+                    .collect())
             }
             .await;
             result.unwrap_or_else(|e| {
@@ -536,27 +519,14 @@ impl InstanceLink for RemoteLink {
         let conn = self.conn.clone();
         tokio::spawn(async move {
             let result: Result<MigrationReport, String> = async {
-                let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                write_frame(
-                    &mut send,
-                    &Frame::MigrateOut {
-                        migration_id,
-                        request,
-                        destination,
-                        addr: addr.to_string(),
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                let _ = send.finish();
-                let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
-                match reader.next().await.map_err(|e| e.to_string())? {
-                    Some(Frame::AdminReply { json }) => {
-                        serde_json::from_str(&json).map_err(|e| e.to_string())
-                    }
-                    Some(Frame::Error(e)) => Err(e.to_string()),
-                    other => Err(format!("unexpected answer to migrate-out: {other:?}")),
-                }
+                let order = Frame::MigrateOut {
+                    migration_id,
+                    request,
+                    destination,
+                    addr: addr.to_string(),
+                };
+                let json = ask_instance(&conn, &order, "migrate-out").await?;
+                serde_json::from_str(&json).map_err(|e| e.to_string())
             }
             .await;
             let _ = done.send(result.unwrap_or_else(|e| {
@@ -564,6 +534,26 @@ impl InstanceLink for RemoteLink {
             }));
         });
         Ok(rx)
+    }
+}
+
+/// One question to a joined instance on a fresh stream: `frame` out, the
+/// JSON of its `AdminReply` back (`what` names the question in errors).
+async fn ask_instance(
+    conn: &quinn::Connection,
+    frame: &Frame,
+    what: &str,
+) -> Result<String, String> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, frame)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let mut reader = FrameReader::new(recv, MAX_REQUEST_FRAME);
+    match reader.next().await.map_err(|e| e.to_string())? {
+        Some(Frame::AdminReply { json }) => Ok(json),
+        Some(Frame::Error(e)) => Err(e.to_string()),
+        other => Err(format!("unexpected answer to {what}: {other:?}")),
     }
 }
 
