@@ -273,10 +273,7 @@ pub fn run(args: &Args) -> Result<()> {
             .with_params(args.policy_params.iter().map(String::as_str))?;
         let mut config = SimConfig::new(args.instances, profile.clone(), policies);
         config.scheduler = profile.scheduler_config_for(args.blocks as usize);
-        config.migration_cadence = match args.migration_every_steps {
-            0 => MigrationCadence::Period,
-            n => MigrationCadence::Snapshots { per_instance: n },
-        };
+        config.migration_cadence = MigrationCadence::every_steps(args.migration_every_steps);
         config.migration_period_us = args.migration_period_ms * 1000;
         config.migration_message_latency_us = args.message_latency_us;
         // The server moves one header per block: no transfer time to speak of.

@@ -217,6 +217,17 @@ pub enum MigrationCadence {
     Snapshots { per_instance: u32 },
 }
 
+impl MigrationCadence {
+    /// The cadence of a `--migration-every-steps N` setting: about every
+    /// `n` steps per instance, or the period when `n` is 0.
+    pub fn every_steps(n: u32) -> Self {
+        match n {
+            0 => MigrationCadence::Period,
+            per_instance => MigrationCadence::Snapshots { per_instance },
+        }
+    }
+}
+
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self {

@@ -174,10 +174,7 @@ fn config(args: &Args, policy: &str) -> Result<SimConfig> {
     let policies = policies.with_params(args.policy_params.iter().map(String::as_str))?;
     let mut c = SimConfig::new(args.instances, profile, policies);
     c.migration = !args.no_migration;
-    c.migration_cadence = match args.migration_every_steps {
-        0 => MigrationCadence::Period,
-        n => MigrationCadence::Snapshots { per_instance: n },
-    };
+    c.migration_cadence = MigrationCadence::every_steps(args.migration_every_steps);
     c.migration_period_us = secs_to_us(args.migration_period_ms / 1e3, "--migration-period-ms")?;
     c.sample_period_us = secs_to_us(args.sample_period_s, "--sample-period-s")?;
     c.seed = args.seed;

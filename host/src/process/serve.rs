@@ -202,10 +202,9 @@ pub async fn run_serve(
         model_name: model.name.clone(),
         max_model_len,
         migration_period: Duration::from_millis(config.migration_period_ms.max(10)),
-        migration_cadence: match config.migration_every_steps {
-            0 => llumen_fleet::MigrationCadence::Period,
-            n => llumen_fleet::MigrationCadence::Snapshots { per_instance: n },
-        },
+        migration_cadence: llumen_fleet::MigrationCadence::every_steps(
+            config.migration_every_steps,
+        ),
         scaling_period: Duration::from_millis(config.scaling_period_ms.max(10)),
         scaling_first_check: Duration::from_secs(config.scaling_first_check_s),
         min_instances: config.min_instances.unwrap_or(config.instances),
