@@ -80,10 +80,9 @@ impl PolicySet {
 
     /// This set with `params` (`name=value` each) added.
     pub fn with_params<'a>(mut self, params: impl IntoIterator<Item = &'a str>) -> Result<Self> {
-        for p in params {
-            self.params
-                .push(Param::parse(p).map_err(|e| anyhow!("policy parameter {p:?}: {e}"))?);
-        }
+        let parsed = llumen_policy_logic::params::parse_list(params)
+            .map_err(|e| anyhow!("policy parameters: {e}"))?;
+        self.params.extend(parsed);
         Ok(self)
     }
 

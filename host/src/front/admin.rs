@@ -158,14 +158,8 @@ fn version_id(policy: &CompiledPolicy) -> String {
 
 /// `name=value` settings, as given on a command line or in a config file.
 fn parse_params(params: &[String]) -> Result<Vec<Param>, ServeError> {
-    let parsed = params
-        .iter()
-        .map(|p| Param::parse(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ServeError::new(ErrorCode::InvalidParameter, e.to_string()))?;
-    params::check_unique(&parsed)
-        .map_err(|e| ServeError::new(ErrorCode::InvalidParameter, e.to_string()))?;
-    Ok(parsed)
+    params::parse_list(params.iter().map(String::as_str))
+        .map_err(|e| ServeError::new(ErrorCode::InvalidParameter, e.to_string()))
 }
 
 fn parse_kind(kind: &str) -> Result<PolicyKind, ServeError> {

@@ -134,6 +134,17 @@ pub fn parse_choice<T: Copy>(param: &Param, choices: &[(&str, T)]) -> Result<T, 
         })
 }
 
+/// `name=value` settings as given on a command line or in a config file,
+/// each parsed ([`Param::parse`]) and none named twice ([`check_unique`]).
+pub fn parse_list<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<Vec<Param>, ParamError> {
+    let params = texts
+        .into_iter()
+        .map(Param::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    check_unique(&params)?;
+    Ok(params)
+}
+
 /// A parameter set that names the same parameter twice is refused (which
 /// one was meant?).
 pub fn check_unique(params: &[Param]) -> Result<(), ParamError> {
@@ -236,6 +247,12 @@ mod tests {
         let e = parse_value::<i64>(&Param::new("t", "x"), "an integer").unwrap_err();
         assert!(e.to_string().contains("not an integer"));
         assert!(check_unique(&[Param::new("a", "1"), Param::new("a", "2")]).is_err());
+        assert_eq!(parse_list(["a=1", "b=2"]).unwrap().len(), 2);
+        assert!(parse_list(["a=1", "a=2"])
+            .unwrap_err()
+            .message
+            .contains("twice"));
+        assert!(parse_list(["a"]).is_err());
         assert!(ParamError::unknown("z", &[])
             .message
             .contains("no parameters"));
